@@ -1,0 +1,492 @@
+"""Configuration, noise schedules, the forward process q(x_t | x_0), the timestep
+embedding and the samplers: everything the report's §2, §4 and §5 write as equations.
+
+Timestep convention: code indices t = 0, ..., T-1 stand for the paper's t = 1, ..., T,
+so betas[t] is the paper's beta_{t+1} and alpha_bars_prev[0] = alpha_bar_0 = 1.
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------
+# Configuration: every default once, presets are small override dicts.
+
+config = {
+    "data": {
+        "root": "data",            # torchvision MNIST root; MNIST/raw/ lives under it
+        "image_size": 28,          # 28 is native MNIST; 32 zero-pads by 2 px on each side
+        "channels": 1,             # MNIST is greyscale
+    },
+    "model": {
+        "ch": 128,                 # base channel width of the U-Net
+        "ch_mult": [1, 2, 2],      # width multiplier per resolution level: 28 -> 14 -> 7
+        "num_res_blocks": 2,       # ResnetBlocks per level on the way down (+1 on the way up)
+        "attn_resolutions": [1],   # resolutions with self-attention; [1]: bottleneck only
+        "dropout": 0.1,            # inside every ResnetBlock, before its second conv
+        "resamp_with_conv": True,  # strided conv down / conv after nearest-neighbour up
+    },
+    "diffusion": {
+        "T": 50,                   # number of diffusion steps
+        "schedule": "linear",      # linear (Ho et al.) or cosine (Nichol & Dhariwal)
+        "beta_start": 1e-4,        # linear schedule: beta_1
+        "beta_end": 1e-1,          # linear schedule: beta_T
+        "cosine_s": 0.008,         # cosine schedule offset, keeps beta_1 from being ~0
+        "zero_terminal_snr": False,  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024)
+        "prediction": "eps",       # what the network outputs: eps, x0 or v
+    },
+    "training": {
+        "seed": 0,                 # seeds model init, data order, t and eps draws
+        "batch_size": 16,
+        "epochs": 3,               # used unless steps > 0
+        "steps": 0,                # optimiser steps; 0 means epochs * (60000 // batch_size)
+        "optimizer": "adam",       # adam or adamw
+        "lr": 2e-4,                # peak learning rate
+        "weight_decay": 0.0,       # decoupled weight decay (adamw only)
+        "warmup_steps": 0,         # linear LR warm-up from 0 to lr
+        "lr_decay": "constant",    # constant, or cosine decay to min_lr_ratio * lr at the end
+        "min_lr_ratio": 0.0,
+        "grad_clip": 0.0,          # clip the global grad norm to this; 0 disables
+        "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
+        "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+        "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
+        "checkpoint_every": 1000,  # optimiser steps between checkpoints
+        "device": "auto",          # auto: cuda if available, else cpu
+    },
+    "sampling": {
+        "sampler": "ddpm",         # ddpm (ancestral, report §5) or ddim
+        "steps": 0,                # ddim steps; 0 = all T steps
+        "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
+        "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
+        "num_samples": 64,         # samples in the grid main.py writes at the end
+    },
+}
+
+presets = {
+    # The report's table (§7), verbatim.
+    "paper": {},
+    # Best samples a 2-core CPU gets from `python main.py` in 30 minutes; see README.
+    "cpu": {
+        "model": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 2,
+                  "attn_resolutions": [7], "dropout": 0.0},
+        "diffusion": {"T": 1000, "schedule": "cosine", "prediction": "v"},
+        "training": {"batch_size": 128, "steps": 2600, "optimizer": "adamw", "lr": 2e-3,
+                     "warmup_steps": 100, "lr_decay": "cosine", "grad_clip": 1.0,
+                     "ema_decay": 0.995, "min_snr_gamma": 5.0, "checkpoint_every": 250},
+        "sampling": {"sampler": "ddim", "steps": 50, "clip_x0": True},
+    },
+    # Seconds-long runs for tests.
+    "smoke": {
+        "model": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
+                  "attn_resolutions": [14], "dropout": 0.0},
+        "diffusion": {"T": 20},
+        "training": {"batch_size": 16, "steps": 8, "lr": 1e-3, "ema_decay": 0.9,
+                     "checkpoint_every": 4, "bf16": "off"},
+        "sampling": {"num_samples": 4},
+    },
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line and exit code 2, no traceback."""
+
+
+def merge_config(base, overrides, where="config"):
+    """Return base with overrides applied; unknown keys and wrong types are refused."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if key not in merged:
+            raise UserError(f"unknown {where} key '{key}'")
+        if isinstance(merged[key], dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}.{key} must be a section, got {value!r}")
+            merged[key] = merge_config(merged[key], value, f"{where}.{key}")
+        else:
+            default_type = type(merged[key])
+            ok = isinstance(value, default_type) or (default_type is float and type(value) is int)
+            if not ok or (default_type is int and isinstance(value, bool)):
+                raise UserError(f"{where}.{key} must be {default_type.__name__}, got {value!r}")
+            merged[key] = float(value) if default_type is float else copy.deepcopy(value)
+    return merged
+
+
+def get_config(preset):
+    """The default config with preset `preset` applied, validated."""
+    if preset not in presets:
+        raise UserError(f"unknown preset '{preset}' (choose from {', '.join(presets)})")
+    cfg = merge_config(config, presets[preset])
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg):
+    """Refuse settings that cannot work, with a message saying which."""
+    def check(ok, message):
+        if not ok:
+            raise UserError(message)
+    m, d, tr, s = cfg["model"], cfg["diffusion"], cfg["training"], cfg["sampling"]
+    for section, key in [("model", "ch"), ("model", "num_res_blocks"), ("diffusion", "T"),
+                         ("training", "batch_size"), ("training", "checkpoint_every"),
+                         ("sampling", "num_samples"), ("data", "image_size"), ("data", "channels")]:
+        check(cfg[section][key] > 0, f"{section}.{key} must be positive, got {cfg[section][key]}")
+    check(tr["epochs"] > 0 or tr["steps"] > 0, "training needs epochs > 0 or steps > 0")
+    check(tr["steps"] >= 0 and tr["epochs"] >= 0, "training steps/epochs must not be negative")
+    check(m["ch"] % 4 == 0, "model.ch must be a multiple of 4 (GroupNorm groups of 4+ channels)")
+    check(len(m["ch_mult"]) > 0 and all(k > 0 for k in m["ch_mult"]), "model.ch_mult must be positive")
+    check(cfg["data"]["image_size"] % 2 ** (len(m["ch_mult"]) - 1) == 0,
+          f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")
+    check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")
+    check(d["schedule"] in ("linear", "cosine"), f"unknown schedule '{d['schedule']}'")
+    check(d["prediction"] in ("eps", "x0", "v"), f"unknown prediction '{d['prediction']}'")
+    check(not (d["zero_terminal_snr"] and d["prediction"] == "eps"),
+          "zero_terminal_snr needs prediction v or x0: eps cannot give x_0 at alpha_bar_T = 0")
+    check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")
+    check(tr["lr_decay"] in ("constant", "cosine"), f"unknown lr_decay '{tr['lr_decay']}'")
+    check(tr["bf16"] in ("auto", "on", "off"), "training.bf16 must be auto, on or off")
+    check(s["sampler"] in ("ddpm", "ddim"), f"unknown sampler '{s['sampler']}'")
+    check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
+    check(0 <= s["steps"] <= d["T"], f"sampling.steps must be in [0, T={d['T']}]")
+
+
+# ----------------------------------------------------------------------------------------
+# Noise schedules (report §2) and every constant derived from them.
+
+def linear_betas(T, beta_start, beta_end):
+    """Ho et al. 2020 §4: beta_t linear from beta_1 = beta_start to beta_T = beta_end. (T,)"""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """Nichol & Dhariwal 2021 eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2);
+    beta_t = 1 - alpha_bar(t)/alpha_bar(t-1), clipped at max_beta. (T,)"""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2024 Alg. 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 while
+    alpha_bar_1 is unchanged; returns the betas of the rescaled schedule. (T,)"""
+    sqrt_alpha_bars = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_alpha_bars[0].clone(), sqrt_alpha_bars[-1].clone()
+    sqrt_alpha_bars = (sqrt_alpha_bars - last) * first / (first - last)
+    alpha_bars = sqrt_alpha_bars ** 2
+    alphas = torch.cat([alpha_bars[:1], alpha_bars[1:] / alpha_bars[:-1]])
+    return 1 - alphas
+
+
+class Schedule:
+    """The constants of a beta schedule, computed once in float64 and kept in float32.
+
+    betas                beta_t
+    alphas               alpha_t = 1 - beta_t
+    alpha_bars           alpha_bar_t = prod_{s<=t} alpha_s
+    alpha_bars_prev      alpha_bar_{t-1}, with alpha_bar_0 = 1
+    posterior_variance   beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (DDPM eq. 7)
+    """
+
+    def __init__(self, betas):
+        assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
+        betas = betas.double()
+        alphas = 1 - betas
+        alpha_bars = torch.cumprod(alphas, 0)
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        self.T = len(betas)
+        self.betas = betas.float()
+        self.alphas = alphas.float()
+        self.alpha_bars = alpha_bars.float()
+        self.alpha_bars_prev = alpha_bars_prev.float()
+        self.posterior_variance = ((1 - alpha_bars_prev) / (1 - alpha_bars) * betas).float()
+
+    @classmethod
+    def from_config(cls, diffusion):
+        if diffusion["schedule"] == "linear":
+            betas = linear_betas(diffusion["T"], diffusion["beta_start"], diffusion["beta_end"])
+        else:
+            betas = cosine_betas(diffusion["T"], diffusion["cosine_s"])
+        if diffusion["zero_terminal_snr"]:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas)
+
+    def sigmas(self, variance):
+        """Sampler noise scale sigma_t: sqrt(beta_t) (the report's) or sqrt(beta_tilde_t). (T,)"""
+        return (self.betas if variance == "beta" else self.posterior_variance).sqrt()
+
+    def snr(self):
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t). (T,)"""
+        return self.alpha_bars / (1 - self.alpha_bars)
+
+
+def extract(values, t, shape):
+    """values[t] for a batch of timesteps t (B,), shaped (B, 1, 1, ...) to broadcast to `shape`."""
+    assert t.ndim == 1 and t.shape[0] == shape[0], f"t {tuple(t.shape)} vs batch {tuple(shape)}"
+    return values.to(t.device)[t].reshape(-1, *([1] * (len(shape) - 1)))  # (B,) -> (B, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward process and the three parameterisations (report §2, §4).
+
+def q_sample(x_0, t, eps, sched):
+    """DDPM eq. 4 in reparameterised form (report (*)):
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.  x_0, eps: (B, C, H, W); t: (B,)"""
+    alpha_bar = extract(sched.alpha_bars, t, x_0.shape)
+    return alpha_bar.sqrt() * x_0 + (1 - alpha_bar).sqrt() * eps
+
+
+def q_sample_step(x_prev, t, eps, sched):
+    """One Markov step of DDPM eq. 2: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps."""
+    beta = extract(sched.betas, t, x_prev.shape)
+    return (1 - beta).sqrt() * x_prev + beta.sqrt() * eps
+
+
+def v_target(x_0, eps, t, sched):
+    """Salimans & Ho 2022 §4: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
+    alpha_bar = extract(sched.alpha_bars, t, x_0.shape)
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_0
+
+
+def training_target(x_0, eps, t, sched, prediction):
+    """What the network learns to output at x_t: eps (DDPM), x_0, or v."""
+    return {"eps": lambda: eps, "x0": lambda: x_0, "v": lambda: v_target(x_0, eps, t, sched)}[prediction]()
+
+
+def predict_x0_eps(model_output, x_t, t, sched, prediction):
+    """Turn a network output (eps, x0 or v) into the pair (x_0, eps) it implies at x_t.
+    From (*): x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a), and for v:
+    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, with a = alpha_bar_t."""
+    alpha_bar = extract(sched.alpha_bars, t, x_t.shape)
+    if prediction == "eps":
+        eps = model_output
+        x_0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    elif prediction == "x0":
+        x_0 = model_output
+        eps = (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()
+    else:
+        x_0 = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
+        eps = (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * model_output
+    return x_0, eps
+
+
+def q_posterior_mean(x_0, x_t, t, sched):
+    """DDPM eq. 7: mu_tilde_t(x_t, x_0) = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+    + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t.  Shapes (B, C, H, W)."""
+    shape = x_t.shape
+    beta, alpha = extract(sched.betas, t, shape), extract(sched.alphas, t, shape)
+    alpha_bar, alpha_bar_prev = extract(sched.alpha_bars, t, shape), extract(sched.alpha_bars_prev, t, shape)
+    return (alpha_bar_prev.sqrt() * beta * x_0 + alpha.sqrt() * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+
+
+# ----------------------------------------------------------------------------------------
+# Timestep embedding (report §6).
+
+def get_timestep_embedding(timesteps, embedding_dim):
+    """Sinusoidal embedding of Vaswani et al. 2017 §3.5: timesteps (B,) -> (B, embedding_dim)."""
+    assert timesteps.ndim == 1
+    half_dim = embedding_dim // 2
+    frequencies = torch.exp(torch.arange(half_dim, device=timesteps.device) * -(math.log(10000) / (half_dim - 1)))
+    args = timesteps.float()[:, None] * frequencies[None, :]  # (B, half_dim)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, 2 * half_dim)
+    return torch.nn.functional.pad(emb, (0, embedding_dim % 2))  # (B, embedding_dim)
+
+
+# ----------------------------------------------------------------------------------------
+# Samplers (report §5). Each is a plain function of (model, x_T, schedule, ...) that
+# returns x_0 and, on request, the trajectory [x_T, ..., x_0] as (B, S+1, C, H, W).
+
+def denoise(model, x_t, t, sched, prediction, clip_x0):
+    """One network call at x_t, turned into (x_0, eps); x_0 optionally clipped to [-1, 1]
+    (eps is then recomputed from the clipped x_0 so the two stay consistent)."""
+    t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    x_0, eps = predict_x0_eps(model(x_t, t_batch).float(), x_t, t_batch, sched, prediction)
+    if clip_x0:
+        x_0 = x_0.clamp(-1, 1)
+        _, eps = predict_x0_eps(x_0, x_t, t_batch, sched, "x0")
+    return x_0, eps, t_batch
+
+
+@torch.no_grad()
+def ddpm_sample(model, x_T, sched, prediction="eps", variance="beta", clip_x0=False,
+                generator=None, return_trajectory=False, progress=True):
+    """DDPM Algorithm 2 (report §5): x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at the last step.
+    mu_theta is DDPM eq. 7 evaluated at the predicted x_0; for eps-prediction without
+    clipping this is exactly eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)."""
+    sigmas = sched.sigmas(variance)
+    x_t, trajectory = x_T, [x_T]
+    for t in tqdm(range(sched.T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
+        x_0, _, t_batch = denoise(model, x_t, t, sched, prediction, clip_x0)
+        mean = q_posterior_mean(x_0, x_t, t_batch, sched)
+        z = torch.randn(x_t.shape, generator=generator, device=x_t.device) if t > 0 else 0.0
+        x_t = mean + sigmas[t].item() * z
+        if return_trajectory:
+            trajectory.append(x_t)
+    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+
+
+def ddim_timesteps(T, steps):
+    """`steps` timesteps from T-1 down to 0, evenly spaced ("trailing" spacing, so the
+    first one is always T-1 where x_T lives)."""
+    return [round(T - 1 - i * T / steps) for i in range(steps)]
+
+
+@torch.no_grad()
+def ddim_sample(model, x_T, sched, steps, prediction="eps", eta=0.0, clip_x0=False,
+                generator=None, return_trajectory=False, progress=True):
+    """DDIM eq. 12 (Song et al. 2021) on a subsequence of `steps` timesteps:
+    x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)."""
+    timesteps = ddim_timesteps(sched.T, steps)
+    x_t, trajectory = x_T, [x_T]
+    for i, t in enumerate(tqdm(timesteps, desc="ddim", disable=not progress, leave=False)):
+        x_0, eps, _ = denoise(model, x_t, t, sched, prediction, clip_x0)
+        alpha_bar = sched.alpha_bars[t].item()
+        alpha_bar_prev = sched.alpha_bars[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+        x_t = math.sqrt(alpha_bar_prev) * x_0 + math.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+        if sigma > 0:
+            x_t = x_t + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
+        if return_trajectory:
+            trajectory.append(x_t)
+    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+
+
+def sample(model, cfg, num_samples, seed, device, return_trajectory=False, progress=True):
+    """Draw x_T ~ N(0, I) with `seed` and run the sampler the config names."""
+    generator = torch.Generator(device).manual_seed(seed)
+    size = cfg["data"]["image_size"]
+    x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
+    sched, s = Schedule.from_config(cfg["diffusion"]), cfg["sampling"]
+    prediction = cfg["diffusion"]["prediction"]
+    model.eval()
+    with autocast(device, use_bf16(cfg, device)):
+        if s["sampler"] == "ddim":
+            return ddim_sample(model, x_T, sched, s["steps"] or sched.T, prediction, clip_x0=s["clip_x0"],
+                               generator=generator, return_trajectory=return_trajectory, progress=progress)
+        return ddpm_sample(model, x_T, sched, prediction, s["variance"], s["clip_x0"],
+                           generator=generator, return_trajectory=return_trajectory, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------
+# Devices, data, checkpoints, images, CLI: small utilities every script shares.
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"device '{name}' is not available here (use cpu, cuda or auto)")
+    return name
+
+
+def cpu_has_bf16():
+    """True when the CPU has native bf16 matmul units (AMX or AVX512-bf16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(cfg, device):
+    mode = cfg["training"]["bf16"]
+    return mode == "on" or (mode == "auto" and (device == "cuda" or cpu_has_bf16()))
+
+
+def autocast(device, enabled):
+    """bf16 autocast for the network; losses and sampler arithmetic stay in fp32."""
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def load_mnist(root, train=True):
+    """MNIST images as one uint8 tensor (N, 28, 28), downloaded by torchvision if absent."""
+    import torchvision
+    try:
+        dataset = torchvision.datasets.MNIST(root=root, train=train, download=True)
+    except (RuntimeError, OSError) as error:
+        raise UserError(f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
+                        f"downloaded ({type(error).__name__}); put the four files "
+                        f"{', '.join(MNIST_FILES)} there, or pass --data-root DIR") from None
+    return dataset.data
+
+
+def to_model_range(images_uint8, image_size):
+    """uint8 digits (B, 28, 28) -> float in [-1, 1], (B, 1, S, S), zero-padded to image_size."""
+    x = images_uint8.float().div(127.5).sub(1).unsqueeze(1)  # (B, 28, 28) -> (B, 1, 28, 28)
+    pad = (image_size - x.shape[-1]) // 2
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
+
+
+def to_uint8(x):
+    """Model-range images (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, C)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng", "losses", "lrs"}
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by main.py, tensors and plain types only (weights_only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise UserError(f"'{path}' is not a checkpoint written by main.py")
+    cfg = merge_config(config, state["config"], where="checkpoint config")
+    validate_config(cfg)
+    return state
+
+
+def load_weights(model, weights):
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise UserError("checkpoint weights do not match the model its config describes") from None
+
+
+def save_grid(images, path, nrow):
+    """Save images (N, C, H, W) in [-1, 1] as one PNG grid."""
+    import torchvision
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def run(main):
+    """Run a script's main(), turning UserError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

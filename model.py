@@ -1,0 +1,95 @@
+"""The time-conditional U-Net eps_theta(x_t, t) (report §6), laid out as ermongroup/ddim's Model."""
+import torch
+from torch import nn
+
+from attnblock import AttnBlock
+from downsample import Downsample
+from helper import get_timestep_embedding
+from resnetblock import Normalize, ResnetBlock, nonlinearity
+from upsample import Upsample
+
+
+class Model(nn.Module):
+    """conv_in -> down levels (ResnetBlocks [+ AttnBlock], Downsample) -> middle (Resnet, Attn,
+    Resnet) -> up levels (ResnetBlocks on skip concatenations [+ AttnBlock], Upsample) -> GN,
+    swish, conv_out.  x: (B, C, H, W), t: (B,) timestep indices -> (B, C, H, W)."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
+                 in_channels, resolution):
+        super().__init__()
+        self.ch, self.num_res_blocks, self.num_resolutions = ch, num_res_blocks, len(ch_mult)
+        self.temb_ch = 4 * ch
+        self.temb = nn.Sequential(nn.Linear(ch, self.temb_ch), nn.SiLU(), nn.Linear(self.temb_ch, self.temb_ch))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        widths = [ch * m for m in ch_mult]
+        block_in, curr_res, skip_channels = ch, resolution, [ch]
+        self.down = nn.ModuleList()
+        for i_level, block_out in enumerate(widths):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, block_out, self.temb_ch, dropout))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+                skip_channels.append(block_in)
+            if i_level != self.num_resolutions - 1:
+                level.downsample = Downsample(block_in, resamp_with_conv)
+                curr_res //= 2
+                skip_channels.append(block_in)
+            self.down.append(level)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, self.temb_ch, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, self.temb_ch, dropout)
+
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in + skip_channels.pop(), widths[i_level], self.temb_ch, dropout))
+                block_in = widths[i_level]
+                if curr_res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i_level != 0:
+                level.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            self.up.insert(0, level)  # keep self.up[i_level] indexed like self.down
+
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, in_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(**cfg["model"], in_channels=cfg["data"]["channels"], resolution=cfg["data"]["image_size"])
+
+    def forward(self, x, t):
+        assert x.ndim == 4 and t.shape == (x.shape[0],), f"x {tuple(x.shape)}, t {tuple(t.shape)}"
+        temb = self.temb(get_timestep_embedding(t, self.ch))  # (B,) -> (B, 4 ch)
+
+        hs = [self.conv_in(x)]
+        for i_level, level in enumerate(self.down):
+            for i_block, block in enumerate(level.block):
+                h = block(hs[-1], temb)
+                if len(level.attn) > 0:
+                    h = level.attn[i_block](h)
+                hs.append(h)
+            if i_level != self.num_resolutions - 1:
+                hs.append(level.downsample(hs[-1]))
+
+        h = hs[-1]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+
+        for i_level in reversed(range(self.num_resolutions)):
+            level = self.up[i_level]
+            for i_block, block in enumerate(level.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)  # skip: (B, C + C_skip, H, W)
+                if len(level.attn) > 0:
+                    h = level.attn[i_block](h)
+            if i_level != 0:
+                h = level.upsample(h)
+
+        return self.conv_out(nonlinearity(self.norm_out(h)))

@@ -1,0 +1,44 @@
+"""Pre-activation residual block with the timestep embedding added between its convolutions
+(report §6, ResnetBlock)."""
+import math
+
+import torch
+from torch import nn
+
+
+def nonlinearity(x):
+    """Swish / SiLU: x * sigmoid(x)."""
+    return torch.nn.functional.silu(x)
+
+
+def Normalize(channels):
+    """GroupNorm with 32 groups of at least 4 channels each (fewer groups for narrow layers).
+    A group of one channel would subtract away the per-channel time embedding added before it."""
+    return nn.GroupNorm(num_groups=math.gcd(32, channels // 4), num_channels=channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """x -> GN, swish, conv3x3, + proj(temb) -> GN, swish, dropout, conv3x3 -> + shortcut(x).
+    x: (B, C_in, H, W), temb: (B, temb_ch) -> (B, C_out, H, W)."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, dropout, conv_shortcut=False):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            # 3x3 or 1x1 ("network-in-network") projection so that x + h is defined
+            kernel = 3 if conv_shortcut else 1
+            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]  # (B, C) -> (B, C, 1, 1)
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        return self.shortcut(x) + h

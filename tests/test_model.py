@@ -1,0 +1,67 @@
+"""Timestep embedding and U-Net: formulas, shapes, and a reference attention."""
+import math
+
+import pytest
+import torch
+
+import helper
+from attnblock import AttnBlock
+from downsample import Downsample
+from model import Model
+from upsample import Upsample
+
+
+def small_config(image_size, channels):
+    cfg = helper.get_config("smoke")
+    return helper.merge_config(cfg, {"data": {"image_size": image_size, "channels": channels},
+                                     "model": {"ch_mult": [1, 2, 2], "attn_resolutions": [7, 8]}})
+
+
+def test_timestep_embedding_matches_sinusoid_formula():
+    emb = helper.get_timestep_embedding(torch.tensor([0, 3, 999]), 8)
+    assert emb.shape == (3, 8)
+    for row, t in enumerate([0, 3, 999]):
+        frequencies = [math.exp(-math.log(10000) * i / 3) for i in range(4)]
+        expected = [math.sin(t * f) for f in frequencies] + [math.cos(t * f) for f in frequencies]
+        torch.testing.assert_close(emb[row], torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("image_size, channels", [(28, 1), (32, 1), (28, 3), (32, 3)])
+def test_unet_maps_images_to_same_shape(image_size, channels):
+    model = Model.from_config(small_config(image_size, channels))
+    x = torch.randn(2, channels, image_size, image_size)
+    assert model(x, torch.tensor([0, 7])).shape == x.shape
+
+
+def test_unet_output_depends_on_timestep():
+    torch.manual_seed(0)
+    model = Model.from_config(small_config(28, 1))
+    x = torch.randn(1, 1, 28, 28).repeat(2, 1, 1, 1)
+    out = model(x, torch.tensor([1, 15]))
+    assert (out[0] - out[1]).abs().max() > 1e-3 * out.abs().mean()
+
+
+def test_paper_unet_has_the_reports_size():
+    model = Model.from_config(helper.get_config("paper"))
+    megabytes = sum(p.numel() for p in model.parameters()) * 4 / 1e6
+    assert 90 < megabytes < 105  # report §6: the checkpoint "weighs in at ~98 MB"
+
+
+def test_attention_matches_explicit_bmm_reference():
+    torch.manual_seed(0)
+    block = AttnBlock(16)
+    x = torch.randn(2, 16, 7, 7)
+    B, C, H, W = x.shape
+    h = block.norm(x)
+    q = block.q(h).reshape(B, C, H * W).permute(0, 2, 1)  # (B, HW, C)
+    k = block.k(h).reshape(B, C, H * W)  # (B, C, HW)
+    attn = torch.softmax(torch.bmm(q, k) * C ** -0.5, dim=2)  # (B, HW, HW)
+    out = torch.bmm(block.v(h).reshape(B, C, H * W), attn.permute(0, 2, 1)).reshape(B, C, H, W)
+    torch.testing.assert_close(block(x), x + block.proj_out(out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_conv", [True, False])
+def test_resampling_halves_and_doubles(with_conv):
+    x = torch.randn(1, 8, 14, 14)
+    assert Downsample(8, with_conv)(x).shape == (1, 8, 7, 7)
+    assert Upsample(8, with_conv)(x).shape == (1, 8, 28, 28)
