@@ -54,13 +54,17 @@ config = {
         "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
         "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
         "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
+        "channels_last": False,    # NHWC memory format (see benchmark.py for whether it pays)
+        "compile": False,          # torch.compile the training network (inductor)
         "checkpoint_every": 1000,  # optimiser steps between checkpoints
         "device": "auto",          # auto: cuda if available, else cpu
     },
     "sampling": {
-        "sampler": "ddpm",         # ddpm (ancestral, report §5) or ddim
-        "steps": 0,                # ddim steps; 0 = all T steps
+        "sampler": "ddpm",         # ddpm (ancestral, report §5), ddim or dpm++ (DPM-Solver++(2M))
+        "steps": 0,                # network evaluations; fewer than T respaces the schedule; 0 = T
+        "spacing": "trailing",     # which steps are kept: trailing, uniform or quadratic
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
+        "eta": 0.0,                # ddim noise: 0 deterministic, 1 DDPM-like
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
         "num_samples": 64,         # samples in the grid main.py writes at the end
     },
@@ -147,7 +151,9 @@ def validate_config(cfg):
     check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")
     check(tr["lr_decay"] in ("constant", "cosine"), f"unknown lr_decay '{tr['lr_decay']}'")
     check(tr["bf16"] in ("auto", "on", "off"), "training.bf16 must be auto, on or off")
-    check(s["sampler"] in ("ddpm", "ddim"), f"unknown sampler '{s['sampler']}'")
+    check(s["sampler"] in ("ddpm", "ddim", "dpm++"), f"unknown sampler '{s['sampler']}'")
+    check(s["spacing"] in ("trailing", "uniform", "quadratic"), f"unknown spacing '{s['spacing']}'")
+    check(s["eta"] >= 0, "sampling.eta must not be negative")
     check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
     check(0 <= s["steps"] <= d["T"], f"sampling.steps must be in [0, T={d['T']}]")
 
@@ -181,27 +187,26 @@ def rescale_zero_terminal_snr(betas):
 
 
 class Schedule:
-    """The constants of a beta schedule, computed once in float64 and kept in float32.
+    """The constants of a beta schedule, computed once and kept in float64.
 
     betas                beta_t
     alphas               alpha_t = 1 - beta_t
     alpha_bars           alpha_bar_t = prod_{s<=t} alpha_s
     alpha_bars_prev      alpha_bar_{t-1}, with alpha_bar_0 = 1
     posterior_variance   beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (DDPM eq. 7)
+    timesteps            the network's timestep index for each step: 0..T-1, or the kept
+                         steps of a respaced schedule
     """
 
-    def __init__(self, betas):
+    def __init__(self, betas, timesteps=None):
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must lie in (0, 1]"
-        betas = betas.double()
-        alphas = 1 - betas
-        alpha_bars = torch.cumprod(alphas, 0)
-        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
         self.T = len(betas)
-        self.betas = betas.float()
-        self.alphas = alphas.float()
-        self.alpha_bars = alpha_bars.float()
-        self.alpha_bars_prev = alpha_bars_prev.float()
-        self.posterior_variance = ((1 - alpha_bars_prev) / (1 - alpha_bars) * betas).float()
+        self.betas = betas.double()
+        self.alphas = 1 - self.betas
+        self.alpha_bars = torch.cumprod(self.alphas, 0)
+        self.alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
+        self.posterior_variance = (1 - self.alpha_bars_prev) / (1 - self.alpha_bars) * self.betas
+        self.timesteps = torch.arange(self.T) if timesteps is None else torch.as_tensor(timesteps)
 
     @classmethod
     def from_config(cls, diffusion):
@@ -213,6 +218,15 @@ class Schedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas)
 
+    def respace(self, keep):
+        """Nichol & Dhariwal 2021 §4: the schedule on the kept steps `keep` (ascending indices),
+        with betas 1 - alpha_bar_{k_i} / alpha_bar_{k_(i-1)}, so alpha_bar is unchanged there."""
+        keep = torch.as_tensor(keep)
+        assert keep.ndim == 1 and (keep[1:] > keep[:-1]).all(), "keep must be ascending"
+        alpha_bars = self.alpha_bars[keep]
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        return Schedule(1 - alpha_bars / alpha_bars_prev, self.timesteps[keep])
+
     def sigmas(self, variance):
         """Sampler noise scale sigma_t: sqrt(beta_t) (the report's) or sqrt(beta_tilde_t). (T,)"""
         return (self.betas if variance == "beta" else self.posterior_variance).sqrt()
@@ -222,10 +236,26 @@ class Schedule:
         return self.alpha_bars / (1 - self.alpha_bars)
 
 
+def spaced_timesteps(T, steps, spacing):
+    """`steps` of the T timestep indices, ascending. trailing: evenly spaced and ending at T-1,
+    where x_T lives (Lin et al. 2024 Table 2); uniform: evenly spaced from 0 (DDIM's "linear");
+    quadratic: denser near t = 0 (DDIM's CIFAR-10 choice), one index apart at least."""
+    if spacing == "trailing":
+        keep = [round(T - i * T / steps) - 1 for i in range(steps)]
+    elif spacing == "uniform":
+        keep = [round(i * T / steps) for i in range(steps)]
+    else:
+        keep = [i + round((i / max(1, steps - 1)) ** 2 * (T - steps)) for i in range(steps)]
+    keep = sorted(set(keep))
+    if len(keep) < steps:
+        raise UserError(f"{spacing} spacing cannot place {steps} distinct steps in T={T}")
+    return keep
+
+
 def extract(values, t, shape):
     """values[t] for a batch of timesteps t (B,), shaped (B, 1, 1, ...) to broadcast to `shape`."""
     assert t.ndim == 1 and t.shape[0] == shape[0], f"t {tuple(t.shape)} vs batch {tuple(shape)}"
-    return values.to(t.device)[t].reshape(-1, *([1] * (len(shape) - 1)))  # (B,) -> (B, 1, 1, 1)
+    return values.to(t.device, torch.float32)[t].reshape(-1, *([1] * (len(shape) - 1)))  # (B,) -> (B, 1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -295,18 +325,24 @@ def get_timestep_embedding(timesteps, embedding_dim):
 
 
 # ----------------------------------------------------------------------------------------
-# Samplers (report §5). Each is a plain function of (model, x_T, schedule, ...) that
-# returns x_0 and, on request, the trajectory [x_T, ..., x_0] as (B, S+1, C, H, W).
+# Samplers (report §5). Each is a plain function of (model, x_T, schedule, ...) that walks the
+# schedule's steps from last to first (a respaced schedule for fewer steps) and returns x_0
+# and, on request, the trajectory [x_T, ..., x_0] as (B, S+1, C, H, W).
 
-def denoise(model, x_t, t, sched, prediction, clip_x0):
-    """One network call at x_t, turned into (x_0, eps); x_0 optionally clipped to [-1, 1]
-    (eps is then recomputed from the clipped x_0 so the two stay consistent)."""
-    t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    x_0, eps = predict_x0_eps(model(x_t, t_batch).float(), x_t, t_batch, sched, prediction)
+def denoise(model, x_t, i, sched, prediction, clip_x0):
+    """One network call at step i of sched, turned into (x_0, eps) via predict_x0_eps;
+    x_0 optionally clipped to [-1, 1], eps then recomputed so the pair stays consistent."""
+    i_batch = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
+    output = model(x_t, sched.timesteps.to(x_t.device)[i_batch]).float()
+    x_0, eps = predict_x0_eps(output, x_t, i_batch, sched, prediction)
     if clip_x0:
         x_0 = x_0.clamp(-1, 1)
-        _, eps = predict_x0_eps(x_0, x_t, t_batch, sched, "x0")
-    return x_0, eps, t_batch
+        _, eps = predict_x0_eps(x_0, x_t, i_batch, sched, "x0")
+    return x_0, eps, i_batch
+
+
+def noise_like(x, generator):
+    return torch.randn(x.shape, generator=generator, device=x.device)
 
 
 @torch.no_grad()
@@ -317,57 +353,82 @@ def ddpm_sample(model, x_T, sched, prediction="eps", variance="beta", clip_x0=Fa
     clipping this is exactly eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)."""
     sigmas = sched.sigmas(variance)
     x_t, trajectory = x_T, [x_T]
-    for t in tqdm(range(sched.T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
-        x_0, _, t_batch = denoise(model, x_t, t, sched, prediction, clip_x0)
-        mean = q_posterior_mean(x_0, x_t, t_batch, sched)
-        z = torch.randn(x_t.shape, generator=generator, device=x_t.device) if t > 0 else 0.0
-        x_t = mean + sigmas[t].item() * z
-        if return_trajectory:
-            trajectory.append(x_t)
+    for i in tqdm(range(sched.T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
+        x_0, _, i_batch = denoise(model, x_t, i, sched, prediction, clip_x0)
+        mean = q_posterior_mean(x_0, x_t, i_batch, sched)
+        x_t = mean + sigmas[i].item() * noise_like(x_t, generator) if i > 0 else mean
+        trajectory.append(x_t)
     return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
 
 
-def ddim_timesteps(T, steps):
-    """`steps` timesteps from T-1 down to 0, evenly spaced ("trailing" spacing, so the
-    first one is always T-1 where x_T lives)."""
-    return [round(T - 1 - i * T / steps) for i in range(steps)]
+@torch.no_grad()
+def ddim_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
+                generator=None, return_trajectory=False, progress=True):
+    """DDIM eq. 12 (Song et al. 2021), with a = alpha_bar_t and a' = alpha_bar_{t-1} of sched:
+    x_{t-1} = sqrt(a') x_0 + sqrt(1 - a' - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')  (eq. 16; eta = 1 is DDPM's beta_tilde)."""
+    x_t, trajectory = x_T, [x_T]
+    for i in tqdm(range(sched.T - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
+        x_0, eps, _ = denoise(model, x_t, i, sched, prediction, clip_x0)
+        alpha_bar, alpha_bar_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+        x_t = math.sqrt(alpha_bar_prev) * x_0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma ** 2)) * eps
+        if sigma > 0:
+            x_t = x_t + sigma * noise_like(x_t, generator)
+        trajectory.append(x_t)
+    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+
+
+def half_log_snr(alpha_bar):
+    """lambda_t = log(alpha_t / sigma_t) of DPM-Solver, with alpha_t = sqrt(alpha_bar_t),
+    sigma_t = sqrt(1 - alpha_bar_t); -inf at alpha_bar = 0 and +inf at alpha_bar = 1."""
+    if alpha_bar <= 0.0:
+        return -math.inf
+    return math.inf if alpha_bar >= 1.0 else 0.5 * (math.log(alpha_bar) - math.log1p(-alpha_bar))
 
 
 @torch.no_grad()
-def ddim_sample(model, x_T, sched, steps, prediction="eps", eta=0.0, clip_x0=False,
-                generator=None, return_trajectory=False, progress=True):
-    """DDIM eq. 12 (Song et al. 2021) on a subsequence of `steps` timesteps:
-    x_prev = sqrt(alpha_bar_prev) x_0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)."""
-    timesteps = ddim_timesteps(sched.T, steps)
+def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", clip_x0=False,
+                         return_trajectory=False, progress=True):
+    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: with h = lambda_{t-1} - lambda_t,
+    x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D,
+    D = (1 + 1/(2r)) x_0(t) - 1/(2r) x_0(t+1), r = h_prev / h; first order (D = x_0(t)) at the
+    first step and at the last one, which lands on x_0 exactly (sigma = 0)."""
     x_t, trajectory = x_T, [x_T]
-    for i, t in enumerate(tqdm(timesteps, desc="ddim", disable=not progress, leave=False)):
-        x_0, eps, _ = denoise(model, x_t, t, sched, prediction, clip_x0)
-        alpha_bar = sched.alpha_bars[t].item()
-        alpha_bar_prev = sched.alpha_bars[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
-        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-        x_t = math.sqrt(alpha_bar_prev) * x_0 + math.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
-        if sigma > 0:
-            x_t = x_t + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device)
-        if return_trajectory:
-            trajectory.append(x_t)
+    x_0_next, h_next = None, None  # the previous (noisier) step's x_0 prediction and h
+    for i in tqdm(range(sched.T - 1, -1, -1), desc="dpm++", disable=not progress, leave=False):
+        x_0, _, _ = denoise(model, x_t, i, sched, prediction, clip_x0)
+        alpha_bar, alpha_bar_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
+        h = half_log_snr(alpha_bar_prev) - half_log_snr(alpha_bar)
+        if x_0_next is None or i == 0:
+            D = x_0
+        else:
+            r = h_next / h
+            D = (1 + 1 / (2 * r)) * x_0 - 1 / (2 * r) * x_0_next
+        sigma_ratio = math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+        x_t = sigma_ratio * x_t - math.sqrt(alpha_bar_prev) * math.expm1(-h) * D
+        x_0_next, h_next = x_0, h
+        trajectory.append(x_t)
     return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
 
 
 def sample(model, cfg, num_samples, seed, device, return_trajectory=False, progress=True):
-    """Draw x_T ~ N(0, I) with `seed` and run the sampler the config names."""
+    """Draw x_T ~ N(0, I) with `seed` and run the sampler cfg["sampling"] names."""
+    s, prediction = cfg["sampling"], cfg["diffusion"]["prediction"]
     generator = torch.Generator(device).manual_seed(seed)
     size = cfg["data"]["image_size"]
     x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
-    sched, s = Schedule.from_config(cfg["diffusion"]), cfg["sampling"]
-    prediction = cfg["diffusion"]["prediction"]
+    sched = Schedule.from_config(cfg["diffusion"])
+    if s["steps"] and s["steps"] < sched.T:
+        sched = sched.respace(spaced_timesteps(sched.T, s["steps"], s["spacing"]))
+    common = dict(prediction=prediction, clip_x0=s["clip_x0"], return_trajectory=return_trajectory, progress=progress)
     model.eval()
     with autocast(device, use_bf16(cfg, device)):
+        if s["sampler"] == "ddpm":
+            return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
         if s["sampler"] == "ddim":
-            return ddim_sample(model, x_T, sched, s["steps"] or sched.T, prediction, clip_x0=s["clip_x0"],
-                               generator=generator, return_trajectory=return_trajectory, progress=progress)
-        return ddpm_sample(model, x_T, sched, prediction, s["variance"], s["clip_x0"],
-                           generator=generator, return_trajectory=return_trajectory, progress=progress)
+            return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
+        return dpm_solver_pp_sample(model, x_T, sched, **common)
 
 
 # ----------------------------------------------------------------------------------------
@@ -429,6 +490,13 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
 
 
+def to_digits(samples):
+    """Samples (N, C, S, S) in [-1, 1] -> MNIST-format uint8 digits (N, 28, 28, C), the
+    zero-padding of a 32x32 config cropped away."""
+    pad = (samples.shape[-1] - 28) // 2
+    return to_uint8(samples[..., pad:pad + 28, pad:pad + 28]).numpy()
+
+
 def save_checkpoint(state, path):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -484,9 +552,13 @@ def positive_int(text):
 
 
 def run(main):
-    """Run a script's main(), turning UserError into one line on stderr and exit code 2."""
+    """Run a script's main(), turning UserError into one line on stderr and exit code 2
+    (Ctrl-C outside the training loop, which checkpoints first, exits 130 quietly)."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

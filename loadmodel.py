@@ -71,8 +71,7 @@ def main(argv=None):
     shown = min(args.num_samples, 8)  # a readable figure; every sample is in the grid and .npz
     save_trajectory_figure(trajectory[:shown], os.path.join(out, "trajectory.png"))
     helper.save_grid(samples, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(args.num_samples)))
-    pad = (samples.shape[-1] - 28) // 2  # undo the zero-padding of a 32x32 config
-    digits = helper.to_uint8(samples[..., pad:pad + 28, pad:pad + 28]).numpy()  # (N, 28, 28, 1) uint8
+    digits = helper.to_digits(samples)  # (N, 28, 28, 1) uint8
     np.savez(os.path.join(out, "samples.npz"), arr_0=digits)
     print(f"wrote trajectory.png, samples_grid.png and samples.npz {digits.shape} to {out}")
 

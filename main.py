@@ -97,6 +97,11 @@ def diffusion_loss(model, x_0, sched, cfg, generator, bf16):
     return per_sample.mean()
 
 
+def prepare_model(model, cfg):
+    """Apply the memory-format switch of cfg["training"] to a freshly built model."""
+    return model.to(memory_format=torch.channels_last) if cfg["training"]["channels_last"] else model
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for ema_param, param in zip(ema.parameters(), model.parameters()):
@@ -157,7 +162,8 @@ def train(cfg, out, state=None, progress=True):
     ckpt_path = os.path.join(out, "ckpt.pt")
 
     torch.manual_seed(tr["seed"])
-    model = Model.from_config(cfg).to(device)
+    model = prepare_model(Model.from_config(cfg).to(device), cfg)
+    network = torch.compile(model) if tr["compile"] else model
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer_class = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
@@ -198,7 +204,7 @@ def train(cfg, out, state=None, progress=True):
             lr = lr_at(step, tr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(model, x_0, sched, cfg, generator, bf16)
+            loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tr["grad_clip"] > 0:

@@ -37,19 +37,50 @@ def test_ddpm_recovers_gaussian_data(prediction, variance):
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
 
 
+def respaced(T, steps, spacing="trailing"):
+    full = Schedule(helper.cosine_betas(T))
+    return full, full.respace(helper.spaced_timesteps(T, steps, spacing))
+
+
 @pytest.mark.parametrize("steps", [50, 250])  # at 20 steps DDIM under-disperses by ~7%
-def test_ddim_recovers_gaussian_data(steps):
-    sched = Schedule(helper.cosine_betas(1000))
-    samples = helper.ddim_sample(OptimalGaussianDenoiser(sched, "v"), x_T().float(), sched, steps, "v", progress=False)
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
+def test_ddim_recovers_gaussian_data(steps, spacing):
+    full, sched = respaced(1000, steps, spacing)
+    samples = helper.ddim_sample(OptimalGaussianDenoiser(full, "v"), x_T().float(), sched, "v", progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
 
 
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
+    full, sched = respaced(1000, steps)
+    samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
+                                          prediction, progress=False)
+    assert samples.mean().item() == pytest.approx(MU, abs=0.02)
+    assert samples.std().item() == pytest.approx(STD, rel=0.05)
+
+
+def test_respaced_ddpm_recovers_gaussian_data():
+    full, sched = respaced(1000, 100)
+    samples = helper.ddpm_sample(OptimalGaussianDenoiser(full, "eps"), x_T().float(), sched, "eps", "beta_tilde",
+                                 generator=torch.Generator().manual_seed(1), progress=False)
+    assert samples.mean().item() == pytest.approx(MU, abs=0.02)
+    assert samples.std().item() == pytest.approx(STD, rel=0.05)
+
+
+def test_respacing_keeps_alpha_bar_at_the_kept_steps():
+    full, sched = respaced(1000, 10)
+    keep = helper.spaced_timesteps(1000, 10, "trailing")
+    torch.testing.assert_close(sched.alpha_bars, full.alpha_bars[keep])
+    assert sched.timesteps.tolist() == keep
+
+
 def test_ddim_eta_zero_is_deterministic_and_eta_one_is_not():
-    sched = Schedule(helper.cosine_betas(100))
-    model = OptimalGaussianDenoiser(sched, "eps")
+    full, sched = respaced(100, 10)
+    model = OptimalGaussianDenoiser(full, "eps")
     start = x_T(16).float()
-    run = lambda eta, seed: helper.ddim_sample(model, start, sched, 10, "eps", eta=eta, progress=False,
+    run = lambda eta, seed: helper.ddim_sample(model, start, sched, "eps", eta=eta, progress=False,
                                                generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(run(0.0, 1), run(0.0, 2), rtol=0, atol=0)
     assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-3
@@ -64,6 +95,24 @@ def test_trajectory_runs_from_x_T_to_the_returned_sample():
     assert torch.equal(trajectory[:, 0], start) and torch.equal(trajectory[:, -1], samples)
 
 
-def test_ddim_timesteps_start_at_T_and_descend_to_zero():
-    assert helper.ddim_timesteps(1000, 10) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    assert helper.ddim_timesteps(50, 50) == list(range(49, -1, -1))
+def test_ddim_with_many_steps_is_invertible():
+    """Run the eta = 0 ODE from x_0 up to x_T (DDIM eq. 13 in reverse) and back down."""
+    full, sched = respaced(1000, 500)
+    model = OptimalGaussianDenoiser(full, "eps")
+    x_0 = (MU + STD * x_T(64, seed=5)).float()
+    x_t = x_0
+    for i in range(sched.T):  # encode: step i-1 -> i along the same deterministic update
+        _, eps, _ = helper.denoise(model, x_t, i, sched, "eps", False)
+        a, a_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
+        x_0_hat = (x_t - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
+        x_t = a ** 0.5 * x_0_hat + (1 - a) ** 0.5 * eps
+    decoded = helper.ddim_sample(model, x_t, sched, "eps", progress=False)
+    torch.testing.assert_close(decoded, x_0, rtol=0, atol=0.02)
+
+
+def test_spacings_place_the_requested_steps():
+    assert helper.spaced_timesteps(1000, 10, "trailing") == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    assert helper.spaced_timesteps(1000, 4, "uniform") == [0, 250, 500, 750]
+    quadratic = helper.spaced_timesteps(1000, 10, "quadratic")
+    assert quadratic[0] == 0 and quadratic[-1] == 999 and quadratic[1] < 100
+    assert helper.spaced_timesteps(50, 50, "trailing") == list(range(50))

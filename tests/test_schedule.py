@@ -40,7 +40,7 @@ def test_cosine_alpha_bars_match_nichol_dhariwal_formula():
     T, s = 1000, 0.008
     sched = Schedule(helper.cosine_betas(T, s))
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
-    expected = torch.tensor([f(t) / f(0) for t in range(1, T + 1)])
+    expected = torch.tensor([f(t) / f(0) for t in range(1, T + 1)], dtype=torch.float64)
     # identical until beta hits its 0.999 clip in the last step
     torch.testing.assert_close(sched.alpha_bars[:-1], expected[:-1], rtol=1e-5, atol=1e-9)
     assert sched.betas.max().item() == pytest.approx(0.999)
@@ -92,7 +92,7 @@ def test_posterior_mean_eps_form_equals_x0_form():
     t = torch.arange(50)
     x_t = helper.q_sample(x_0, t, eps, sched)
     # DDPM eq. 11 (the report's boxed mu_theta), written independently
-    alphas, betas, alpha_bars = (v.reshape(-1, 1, 1, 1) for v in (sched.alphas, sched.betas, sched.alpha_bars))
+    alphas, betas, alpha_bars = (v.float().reshape(-1, 1, 1, 1) for v in (sched.alphas, sched.betas, sched.alpha_bars))
     eps_form = (x_t - betas / (1 - alpha_bars).sqrt() * eps) / alphas.sqrt()
     torch.testing.assert_close(helper.q_posterior_mean(x_0, x_t, t, sched), eps_form, rtol=1e-4, atol=1e-4)
 
@@ -115,7 +115,7 @@ def test_v_is_the_rotation_of_eps_and_x0():
     sched = schedules()["cosine"]
     t = torch.tensor([100, 500, 900])
     x_0, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    phi = torch.atan2((1 - sched.alpha_bars[t]).sqrt(), sched.alpha_bars[t].sqrt()).reshape(-1, 1, 1, 1)
+    phi = torch.atan2((1 - sched.alpha_bars[t]).sqrt(), sched.alpha_bars[t].sqrt()).float().reshape(-1, 1, 1, 1)
     torch.testing.assert_close(helper.v_target(x_0, eps, t, sched), phi.cos() * eps - phi.sin() * x_0)
 
 

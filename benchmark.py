@@ -1,0 +1,172 @@
+"""Where the time goes: training and sampling throughput of a preset's U-Net under each
+speed option, its FLOPs, and the machine's own matmul ceiling measured in the same run.
+
+    python benchmark.py [--preset P] [--device D] [--json PATH]
+
+Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
+steps first, then the median of several timed repeats.
+"""
+import json
+import multiprocessing
+import resource
+import statistics
+import time
+
+import torch
+
+import helper
+from helper import UserError
+
+# name -> (bf16 autocast, channels_last, torch.compile)
+VARIANTS = {
+    "eager fp32": (False, False, False),
+    "bf16 autocast": (True, False, False),
+    "bf16 + channels_last": (True, True, False),
+    "bf16 + compile": (True, False, True),
+}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_ceiling(device, dtype, n=4096, repeats=5):
+    """TFLOP/s of an n x n x n matrix multiply: the most this device does in `dtype`."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / median_seconds(lambda: a @ b, device, 2, repeats) / 1e12
+
+
+def flops_per_image(model, cfg, device, batch_size, backward):
+    """FLOPs of one image through the network (forward, or forward + backward), by
+    torch.utils.flop_counter on a real batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    size = cfg["data"]["image_size"]
+    x = torch.randn(batch_size, cfg["data"]["channels"], size, size, device=device)
+    t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        if backward:
+            out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch_size
+
+
+def run_variant(preset, device, name, sample_batch):
+    """Train-step and sampling throughput of one variant; runs in its own process."""
+    import main
+    from model import Model
+    bf16, channels_last, compile_model = VARIANTS[name]
+    cfg = helper.merge_config(helper.get_config(preset), {"training": {
+        "bf16": "on" if bf16 else "off", "channels_last": channels_last, "compile": compile_model}})
+    tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
+    torch.manual_seed(0)
+    model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
+    network = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator(device).manual_seed(0)
+    size = cfg["data"]["image_size"]
+    x_0 = torch.rand(tr["batch_size"], cfg["data"]["channels"], size, size, device=device) * 2 - 1
+
+    def train_step():
+        loss = main.diffusion_loss(network, x_0, sched, cfg, generator, bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    x_t = torch.randn(sample_batch, cfg["data"]["channels"], size, size, device=device)
+    t = torch.full((sample_batch,), sched.T // 2, device=device)
+
+    @torch.no_grad()
+    def sample_step():
+        with helper.autocast(device, bf16):
+            network(x_t, t)
+
+    start = time.perf_counter()
+    train_step()  # the first call compiles, if compiling
+    first_train = time.perf_counter() - start
+    train_seconds = median_seconds(train_step, device, 2, 5)
+    start = time.perf_counter()
+    sample_step()
+    first_sample = time.perf_counter() - start
+    sample_seconds = median_seconds(sample_step, device, 2, 5)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": name, "train_img_s": tr["batch_size"] / train_seconds,
+            "sample_img_s": sample_batch / sample_seconds,
+            "compile_s": (first_train - train_seconds) + (first_sample - sample_seconds) if compile_model else 0.0,
+            "peak_mem_mb": peak / 2 ** 20}
+
+
+def parse_args(argv=None):
+    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="cpu", help="whose U-Net and batch size (default: cpu)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sample-batch", type=helper.positive_int, default=256, help="batch of sampling steps")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
+    parser.add_argument("--json", help="also write the numbers as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = helper.get_config(args.preset)
+    device = helper.resolve_device(args.device)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+
+    from model import Model
+    model = Model.from_config(cfg).to(device)
+    train_flops = flops_per_image(model, cfg, device, 8, backward=True)
+    sample_flops = flops_per_image(model, cfg, device, 8, backward=False)
+    ceilings = {"fp32": matmul_ceiling(device, torch.float32), "bf16": matmul_ceiling(device, torch.bfloat16)}
+    print(f"{args.preset} preset on {device} ({torch.get_num_threads()} threads): "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{train_flops / 1e9:.3f} GFLOP per training image (fwd+bwd), {sample_flops / 1e9:.3f} per sampling NFE; "
+          f"matmul ceiling {ceilings['fp32']:.3f} TFLOP/s fp32, {ceilings['bf16']:.3f} bf16")
+
+    rows = []
+    context = multiprocessing.get_context("spawn")
+    for name in names:
+        with context.Pool(1) as pool:
+            row = pool.apply(run_variant, (args.preset, device, name, args.sample_batch))
+        row["train_tflops"] = row["train_img_s"] * train_flops / 1e12
+        row["sample_tflops"] = row["sample_img_s"] * sample_flops / 1e12
+        row["train_mfu_bf16"] = row["train_tflops"] / ceilings["bf16"]
+        row["sample_mfu_bf16"] = row["sample_tflops"] / ceilings["bf16"]
+        rows.append(row)
+        print(f"  {name}: {row['train_img_s']:.0f} train img/s, {row['sample_img_s']:.0f} sampling NFE·img/s", flush=True)
+
+    baseline = rows[0]
+    lines = ["| variant | train img/s | × | train TFLOP/s | of bf16 ceiling | sample img·NFE/s | × | "
+             "of bf16 ceiling | compile s | peak MB |", "|---|" + "---:|" * 9]
+    for row in rows:
+        lines.append(f"| {row['variant']} | {row['train_img_s']:.0f} | {row['train_img_s'] / baseline['train_img_s']:.2f} | "
+                     f"{row['train_tflops']:.3f} | {row['train_mfu_bf16']:.0%} | {row['sample_img_s']:.0f} | "
+                     f"{row['sample_img_s'] / baseline['sample_img_s']:.2f} | {row['sample_mfu_bf16']:.0%} | "
+                     f"{row['compile_s']:.0f} | {row['peak_mem_mb']:.0f} |")
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "device": device, "threads": torch.get_num_threads(),
+                       "train_gflop_per_image": train_flops / 1e9, "sample_gflop_per_image": sample_flops / 1e9,
+                       "ceiling_tflops": ceilings, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    helper.run(main)

@@ -1,0 +1,273 @@
+"""Score generated digits against the MNIST test set in the features of a small MNIST
+classifier: FID, improved precision and recall (k = 3), predicted-class histogram and the
+share of confidently classified samples, beside the MNIST train-vs-test floor.
+
+    python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--num-samples N] [--seed S]
+                       [--data-root DIR] [--json PATH]
+    python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import helper
+from helper import UserError
+from loadmodel import load_ema_model
+
+SWEEP = [("ddpm", 0), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+         ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]  # steps 0 = the full chain of T steps
+CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax probability exceeds this
+
+
+class Classifier(nn.Module):
+    """Three conv layers and two linear ones; features() is the 128-d penultimate layer.
+    (B, 1, 28, 28) in [-1, 1] -> logits (B, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),      # (B, 64 * 7 * 7)
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU())                          # (B, 128)
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(images, labels, epochs=3, batch_size=128, seed=0, progress=True):
+    """Adam with a one-cycle learning rate on uint8 digits (N, 28, 28) and labels (N,)."""
+    torch.manual_seed(seed)
+    classifier = Classifier()
+    steps = epochs * (len(images) // batch_size)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=steps, desc="classifier", disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(images) - batch_size + 1, batch_size):
+            batch = order[start:start + batch_size]
+            loss = nn.functional.cross_entropy(classifier(helper.to_model_range(images[batch], 28)), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    return classifier.eval()
+
+
+@torch.no_grad()
+def classify(classifier, digits, batch_size=1000):
+    """uint8 digits (N, 28, 28, 1) -> penultimate features (N, 128) float64 and softmax (N, 10)."""
+    features, probs = [], []
+    for start in range(0, len(digits), batch_size):
+        x = helper.to_model_range(torch.as_tensor(digits[start:start + batch_size]).squeeze(-1), 28)
+        h = classifier.features(x)
+        features.append(h.double())
+        probs.append(classifier.head(h).softmax(-1))
+    return torch.cat(features), torch.cat(probs)
+
+
+def mnist_digits(root, train):
+    """MNIST images as uint8 (N, 28, 28, 1) and labels (N,)."""
+    import torchvision
+    helper.load_mnist(root, train)  # the clear error when MNIST is missing
+    dataset = torchvision.datasets.MNIST(root=root, train=train)
+    return dataset.data.unsqueeze(-1).numpy(), dataset.targets
+
+
+def load_or_train_classifier(path, root):
+    """The cached classifier at `path`, trained on MNIST train (and its test accuracy) if absent."""
+    if os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        classifier = Classifier()
+        classifier.load_state_dict(state["model"])
+        return classifier.eval(), state["test_accuracy"]
+    print(f"training the MNIST feature classifier (cached to {path})")
+    train_images, train_labels = mnist_digits(root, train=True)
+    classifier = train_classifier(torch.as_tensor(train_images).squeeze(-1), train_labels)
+    test_images, test_labels = mnist_digits(root, train=False)
+    _, probs = classify(classifier, test_images)
+    accuracy = (probs.argmax(-1) == test_labels).double().mean().item()
+    helper.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, path)
+    return classifier, accuracy
+
+
+def frechet_distance(features_a, features_b):
+    """FID (Heusel et al. 2017): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), with
+    Tr (S_a S_b)^(1/2) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)). Features (N, D), float64."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = torch.cov(features_a.T), torch.cov(features_b.T)  # (D, D)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov_a)
+    sqrt_a = eigenvectors @ torch.diag(eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+    trace_sqrt = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt).item()
+
+
+def kth_neighbour_radii(features, k, chunk=2000):
+    """Distance from each row to its k-th nearest other row. (N, D) -> (N,)"""
+    radii = [torch.cdist(features[i:i + chunk], features).kthvalue(k + 1, dim=1).values  # +1: itself
+             for i in range(0, len(features), chunk)]
+    return torch.cat(radii)
+
+
+def covered(queries, support, radii, chunk=2000):
+    """For each query, whether it lies within radii[j] of some support point j. (N,) bool"""
+    return torch.cat([(torch.cdist(queries[i:i + chunk], support) <= radii[None, :]).any(1)
+                      for i in range(0, len(queries), chunk)])
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of fake samples inside
+    the k-NN balls of the real set, and of real samples inside those of the fake set."""
+    precision = covered(fake, real, kth_neighbour_radii(real, k)).double().mean().item()
+    recall = covered(real, fake, kth_neighbour_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+def score(classifier, digits, reference, seed=0):
+    """Every metric of uint8 digits (N, 28, 28, 1) against reference features (M, 128)."""
+    features, probs = classify(classifier, digits)
+    subset = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:len(digits)]
+    precision, recall = precision_recall(reference[subset], features)
+    histogram = torch.bincount(probs.argmax(-1), minlength=10) / len(digits)
+    return {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall,
+            "confident": (probs.max(-1).values > CONFIDENT).double().mean().item(),
+            "classes": [round(p, 4) for p in histogram.tolist()]}
+
+
+def read_npz(path):
+    """uint8 digits (N, 28, 28, 1) from an .npz with key arr_0, as loadmodel.py writes them."""
+    if not os.path.isfile(path):
+        raise UserError(f"'{path}' does not exist")
+    try:
+        with np.load(path) as archive:
+            if "arr_0" not in archive:
+                raise UserError(f"'{path}' has no array arr_0 (keys: {', '.join(archive.files)})")
+            digits = archive["arr_0"]
+    except (OSError, ValueError) as error:
+        raise UserError(f"'{path}' is not a readable .npz ({type(error).__name__})") from None
+    if digits.dtype != np.uint8 or digits.ndim != 4 or digits.shape[1:] != (28, 28, 1) or len(digits) < 2:
+        raise UserError(f"'{path}' arr_0 must be uint8 of shape (N >= 2, 28, 28, 1), "
+                        f"got {digits.dtype} {digits.shape}")
+    return digits
+
+
+def generate(model, cfg, sampler, steps, num_samples, seed, device, batch_size=500):
+    """Sample num_samples digits with the given sampler; returns uint8 (N, 28, 28, 1) and seconds."""
+    cfg = helper.merge_config(cfg, {"sampling": {"sampler": sampler, "steps": steps}})
+    helper.validate_config(cfg)
+    start, batches = time.perf_counter(), []
+    for i, first in enumerate(tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps or 'T'}", leave=False)):
+        n = min(batch_size, num_samples - first)
+        batches.append(helper.to_digits(helper.sample(model, cfg, n, seed + i, device, progress=False)))
+    return np.concatenate(batches), time.perf_counter() - start
+
+
+def markdown_table(rows):
+    lines = ["| samples | NFE | FID | precision | recall | confident | s / 1000 samples |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        seconds = f"{row['seconds_per_1000']:.1f}" if row.get("seconds_per_1000") else "-"
+        lines.append(f"| {row['name']} | {row.get('nfe', '-')} | {row['fid']:.3f} | {row['precision']:.3f} | "
+                     f"{row['recall']:.3f} | {row['confident']:.3f} | {seconds} |")
+    return "\n".join(lines)
+
+
+def plot_fid_vs_nfe(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sampler in dict.fromkeys(row["sampler"] for row in rows if "sampler" in row):
+        points = [row for row in rows if row.get("sampler") == sampler]
+        ax.plot([r["nfe"] for r in points], [r["fid"] for r in points], "o-", label=sampler)
+        for r in points:
+            ax.annotate(f"{r['seconds_per_1000']:.0f}s", (r["nfe"], r["fid"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    floor = next(row for row in rows if row["name"].startswith("MNIST train"))
+    ax.axhline(floor["fid"], color="0.5", ls="--", label="MNIST train vs test")
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations (NFE); labels: seconds per 1000 samples")
+    ax.set_ylabel("FID (classifier features)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
+    parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
+    parser.add_argument("--data-root", default=helper.config["data"]["root"], help="torchvision MNIST root")
+    parser.add_argument("--classifier", default=os.path.join("out", "mnist_classifier.pt"),
+                        help="cached feature classifier, trained here if absent")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="where eval.md (and fid_vs_nfe.png) go (default: beside the input)")
+    parser.add_argument("--json", help="also write the numbers as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    is_npz = args.input.endswith(".npz")
+    if is_npz and (args.sweep or args.sampler or args.steps):
+        raise UserError("--sweep, --sampler and --steps need a checkpoint, not an .npz")
+    digits = read_npz(args.input) if is_npz else None
+    model, cfg = (None, None) if is_npz else load_ema_model(args.input, helper.resolve_device(args.device))
+    classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
+    print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
+    test_digits, _ = mnist_digits(args.data_root, train=False)
+    reference, _ = classify(classifier, test_digits)
+    train_digits, _ = mnist_digits(args.data_root, train=True)
+    n = len(digits) if is_npz else args.num_samples
+    pick = torch.randperm(len(train_digits), generator=torch.Generator().manual_seed(args.seed))[:min(n, 10000)]
+    rows = [{"name": f"MNIST train ({len(pick)}) vs test", **score(classifier, train_digits[pick.numpy()], reference)}]
+
+    if is_npz:
+        rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference)})
+    else:
+        device = helper.resolve_device(args.device)
+        runs = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
+                                          cfg["sampling"]["steps"] if args.steps is None else args.steps)]
+        for sampler, steps in runs:
+            samples, seconds = generate(model, cfg, sampler, steps, n, args.seed, device)
+            nfe = steps or cfg["diffusion"]["T"]
+            rows.append({"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
+                         "seconds_per_1000": 1000 * seconds / n, **score(classifier, samples, reference)})
+            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+
+    table = markdown_table(rows)
+    print(table)
+    out = args.out or os.path.dirname(os.path.abspath(args.input))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(f"`python evaluate.py {args.input}{' --sweep' if args.sweep else ''}` with N = {n}, "
+                f"classifier test accuracy {accuracy:.2%}\n\n{table}\n")
+    if args.sweep:
+        plot_fid_vs_nfe(rows, os.path.join(out, "fid_vs_nfe.png"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"classifier_test_accuracy": accuracy, "num_samples": n, "rows": rows}, f, indent=1)
+    print(f"wrote {os.path.join(out, 'eval.md')}")
+
+
+if __name__ == "__main__":
+    helper.run(main)

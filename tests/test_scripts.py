@@ -1,0 +1,190 @@
+"""The three scripts end to end on the smoke preset: training, resume, interruption, NaN,
+sampling, figures, and a one-line error with exit code 2 for every bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import forwardprocess
+import helper
+import loadmodel
+import main
+from conftest import REPO
+from helper import Schedule
+from model import Model
+
+
+def smoke_config(mnist_root, **training):
+    cfg = helper.get_config("smoke")
+    return helper.merge_config(cfg, {"data": {"root": mnist_root}, "training": training})
+
+
+def run_script(*args, timeout=120):
+    """Run a script as a user would; returns (exit code, stdout, stderr)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_root):
+    """A smoke checkpoint written by `python main.py`."""
+    out = tmp_path_factory.mktemp("run")
+    code, stdout, stderr = run_script("main.py", "--preset", "smoke", "--data-root", mnist_root, "--out", str(out))
+    assert code == 0, stderr
+    return out
+
+
+def test_main_writes_checkpoint_samples_and_loss_curve(trained):
+    for name in ["ckpt.pt", "samples.png", "loss.png"]:
+        assert (trained / name).stat().st_size > 0
+    state = torch.load(trained / "ckpt.pt", weights_only=True)
+    assert state["step"] == 8 and len(state["losses"]) == 8 and state["config"]["training"]["steps"] == 8
+
+
+def test_training_lowers_the_loss_on_real_digits(mnist_root, digits, tmp_path):
+    cfg = smoke_config(mnist_root, steps=60, checkpoint_every=60)
+    sched = Schedule.from_config(cfg["diffusion"])
+
+    def fixed_batch_loss(model):  # the same x_0, t and eps before and after training
+        with torch.no_grad():
+            return main.diffusion_loss(model, digits[:256], sched, cfg, torch.Generator().manual_seed(0), False).item()
+
+    torch.manual_seed(cfg["training"]["seed"])
+    before = fixed_batch_loss(Model.from_config(cfg))  # the initial weights train() starts from
+    ema, losses, _ = main.train(cfg, str(tmp_path), progress=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = Model.from_config(cfg)
+    model.load_state_dict(state["model"])
+    assert fixed_batch_loss(model) < 0.8 * before
+
+
+def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path):
+    straight = tmp_path / "straight"
+    main.train(smoke_config(mnist_root, steps=8), str(straight), progress=False)
+    halves = tmp_path / "halves"
+    main.train(smoke_config(mnist_root, steps=4), str(halves), progress=False)
+    state = helper.load_checkpoint(str(halves / "ckpt.pt"))
+    main.train(smoke_config(mnist_root, steps=8), str(halves), state=state, progress=False)
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (straight, halves))
+    assert a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
+    real_loss, calls = main.diffusion_loss, []
+
+    def loss_that_explodes(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(main, "diffusion_loss", loss_that_explodes)
+    with pytest.raises(SystemExit) as exit_info:
+        main.train(smoke_config(mnist_root, steps=8, checkpoint_every=4), str(tmp_path), progress=False)
+    assert exit_info.value.code == 1
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and all(np.isfinite(state["losses"]))
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(mnist_root, tmp_path):
+    args = [sys.executable, "main.py", "--preset", "smoke", "--data-root", mnist_root, "--out", str(tmp_path),
+            "--steps", "100000"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "ckpt.pt"
+    deadline = time.time() + 90
+    while not ckpt.exists() and time.time() < deadline:  # wait until training is under way
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < 100000
+    code, _, stderr = run_script("main.py", "--resume", str(ckpt), "--steps", str(step + 2))
+    assert code == 0, stderr
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
+
+
+def test_loadmodel_writes_figures_and_npz(trained, tmp_path):
+    code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), "--num-samples", "5", "--seed", "3",
+                                 "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert (tmp_path / "trajectory.png").stat().st_size > 0 and (tmp_path / "samples_grid.png").stat().st_size > 0
+    samples = np.load(tmp_path / "samples.npz")["arr_0"]
+    assert samples.shape == (5, 28, 28, 1) and samples.dtype == np.uint8
+
+
+def test_loadmodel_seed_reproduces_samples(trained, tmp_path):
+    for name in ("a", "b"):
+        loadmodel.main([str(trained / "ckpt.pt"), "--num-samples", "3", "--seed", "7", "--out", str(tmp_path / name)])
+    a, b = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("a", "b"))
+    assert np.array_equal(a, b)
+
+
+def test_forwardprocess_writes_figures_and_reports_x_T(mnist_root, tmp_path):
+    code, stdout, stderr = run_script("forwardprocess.py", "--data-root", mnist_root, "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert (tmp_path / "forward_chain.png").stat().st_size > 0
+    assert (tmp_path / "forward_closed_form.png").stat().st_size > 0
+    assert "alpha_bar_T = 0.07492" in stdout  # the paper schedule keeps 27% of the digit in x_T
+
+
+def assert_one_line_error(code, stderr, *fragments):
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["main.py", "--preset", "nope"], "unknown preset 'nope'"),
+    (["main.py", "--steps", "0"], "must be positive"),
+    (["main.py", "--epochs", "-3"], "must be positive"),
+    (["main.py", "--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["loadmodel.py", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["loadmodel.py", "--num-samples", "0"], "must be positive"),
+    (["forwardprocess.py", "--preset", "nope"], "unknown preset"),
+    (["main.py", "--device", "tpu"], "device 'tpu' is not available"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, mnist_root):
+    code, _, stderr = run_script(*args, "--data-root", mnist_root) if args[0] == "main.py" else run_script(*args)
+    assert_one_line_error(code, stderr, fragment)
+
+
+def test_missing_mnist_names_the_four_files(tmp_path):
+    code, _, stderr = run_script("forwardprocess.py", "--data-root", str(tmp_path))
+    assert_one_line_error(code, stderr, "MNIST not found", *helper.MNIST_FILES)
+
+
+def test_non_checkpoint_and_truncated_files_are_refused(trained, tmp_path):
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((trained / "ckpt.pt").read_bytes()[:5000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, fragment in [(text_file, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
+                           (foreign, "not a checkpoint written by main.py")]:
+        code, _, stderr = run_script("loadmodel.py", str(path))
+        assert_one_line_error(code, stderr, fragment)
+
+
+def test_checkpoint_with_incompatible_config_is_refused(trained, tmp_path):
+    state = torch.load(trained / "ckpt.pt", weights_only=True)
+    state["config"]["model"]["ch"] = 32  # weights are for ch = 16
+    torch.save(state, tmp_path / "wrong_width.pt")
+    state["config"]["model"]["heads"] = 4  # a key this code does not know
+    torch.save(state, tmp_path / "unknown_key.pt")
+    code, _, stderr = run_script("loadmodel.py", str(tmp_path / "wrong_width.pt"))
+    assert_one_line_error(code, stderr, "do not match the model")
+    code, _, stderr = run_script("main.py", "--resume", str(tmp_path / "unknown_key.pt"))
+    assert_one_line_error(code, stderr, "unknown checkpoint config.model key 'heads'")
