@@ -36,8 +36,8 @@ def save_strip(images, titles, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pixels = helper.to_uint8(images)  # (K, H, W, C)
-    fig, axes = plt.subplots(1, len(pixels), figsize=(0.9 * len(pixels), 1.4), squeeze=False)
+    pixels = helper.to_uint8(images).numpy()  # (K, H, W, C)
+    fig, axes = plt.subplots(1, len(pixels), figsize=(0.9 * len(pixels), 1.7), squeeze=False)
     for ax, image, caption in zip(axes[0], pixels, titles):
         ax.imshow(image.squeeze(-1), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])

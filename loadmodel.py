@@ -41,7 +41,7 @@ def save_trajectory_figure(trajectory, path, max_columns=20):
     import matplotlib.pyplot as plt
     N, S = trajectory.shape[:2]
     columns = np.unique(np.linspace(0, S - 1, min(S, max_columns)).round().astype(int))
-    images = helper.to_uint8(trajectory[:, columns])  # (N, K, H, W, C)
+    images = helper.to_uint8(trajectory[:, columns]).numpy()  # (N, K, H, W, C)
     fig, axes = plt.subplots(N, len(columns), figsize=(0.8 * len(columns), 0.8 * N + 0.3), squeeze=False)
     for row in range(N):
         for k, column in enumerate(columns):
