@@ -6,11 +6,13 @@ speed option, its FLOPs, and the machine's own matmul ceiling measured in the sa
 Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
 steps first, then the median of several timed repeats.
 """
+import copy
 import json
 import multiprocessing
 import resource
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -76,16 +78,14 @@ def run_variant(preset, device, name, sample_batch):
     torch.manual_seed(0)
     model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
     network = torch.compile(model) if compile_model else model
+    ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device).manual_seed(0)
     size = cfg["data"]["image_size"]
     x_0 = torch.rand(tr["batch_size"], cfg["data"]["channels"], size, size, device=device) * 2 - 1
 
-    def train_step():
-        loss = main.diffusion_loss(network, x_0, sched, cfg, generator, bf16)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def train_step():  # the whole step of main.py: loss, backward, clipping, AdamW, EMA
+        main.train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step=100)
 
     x_t = torch.randn(sample_batch, cfg["data"]["channels"], size, size, device=device)
     t = torch.full((sample_batch,), sched.T // 2, device=device)
@@ -143,8 +143,8 @@ def main(argv=None):
     rows = []
     context = multiprocessing.get_context("spawn")
     for name in names:
-        with context.Pool(1) as pool:
-            row = pool.apply(run_variant, (args.preset, device, name, args.sample_batch))
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            row = pool.submit(run_variant, args.preset, device, name, args.sample_batch).result()
         row["train_tflops"] = row["train_img_s"] * train_flops / 1e12
         row["sample_tflops"] = row["sample_img_s"] * sample_flops / 1e12
         row["train_mfu_bf16"] = row["train_tflops"] / ceilings["bf16"]

@@ -1,7 +1,7 @@
 """Load a checkpoint, sample digits with its EMA weights (report §5, §8) and write the
 per-step denoising trajectories, a sample grid and the samples as .npz.
 
-    python loadmodel.py [CHECKPOINT] [--num-samples N] [--seed S] [--out DIR]
+    python loadmodel.py [CHECKPOINT] [--sampler S] [--steps N] [--num-samples N] [--seed S] [--out DIR]
 """
 import math
 import os
@@ -17,6 +17,9 @@ def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", default=os.path.join("out", "ckpt.pt"),
                         help="checkpoint written by main.py (default: out/ckpt.pt)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
+    parser.add_argument("--steps", type=helper.positive_int,
+                        help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
     parser.add_argument("--num-samples", type=helper.positive_int, default=16, help="digits to sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler's noise")
     parser.add_argument("--out", help="output directory (default: the checkpoint's)")
@@ -61,6 +64,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = helper.resolve_device(args.device)
     model, cfg = load_ema_model(args.checkpoint, device)
+    chosen = {"sampler": args.sampler, "steps": args.steps}
+    cfg = helper.merge_config(cfg, {"sampling": {k: v for k, v in chosen.items() if v is not None}})
+    helper.validate_config(cfg)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]

@@ -108,6 +108,21 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param, 1 - decay)
 
 
+def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step):
+    """One optimiser step on a batch x_0 (B, C, S, S): loss, backward, clipping, update, EMA.
+    `network` is `model` itself or its compiled wrapper. Returns the loss as a Python float."""
+    tr = cfg["training"]
+    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tr["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+    optimizer.step()
+    # warm-up of the decay (as in TF's ExponentialMovingAverage with num_updates)
+    update_ema(ema, model, min(tr["ema_decay"], (1 + step) / (10 + step)))
+    return loss.item()
+
+
 def save_loss_curve(losses, lrs, path):
     """Per-step loss (raw and smoothed) and learning rate, as one PNG."""
     import matplotlib
@@ -204,19 +219,12 @@ def train(cfg, out, state=None, progress=True):
             lr = lr_at(step, tr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tr["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step)
+            if not math.isfinite(loss_value):  # the weights in memory are spoilt; the file is not
                 bar.close()
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
                 print(f"error: loss is {loss_value} at step {step}; stopping ({kept})", file=sys.stderr)
                 sys.exit(1)
-            optimizer.step()
-            update_ema(ema, model, min(tr["ema_decay"], (1 + step) / (10 + step)))
             step += 1
             losses.append(loss_value)
             lrs.append(lr)

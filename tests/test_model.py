@@ -65,3 +65,39 @@ def test_resampling_halves_and_doubles(with_conv):
     x = torch.randn(1, 8, 14, 14)
     assert Downsample(8, with_conv)(x).shape == (1, 8, 7, 7)
     assert Upsample(8, with_conv)(x).shape == (1, 8, 28, 28)
+
+
+def relative_error(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def cpu_preset_model():
+    torch.manual_seed(0)
+    cfg = helper.get_config("cpu")
+    x = torch.randn(8, 1, 28, 28)
+    t = torch.linspace(0, cfg["diffusion"]["T"] - 1, 8).long()
+    return Model.from_config(cfg).eval(), x, t
+
+
+@torch.no_grad()
+def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
+    """The speed switches change rounding, not the function: bf16 keeps ~3 significant digits."""
+    model, x, t = cpu_preset_model
+    reference = model(x, t)
+    with helper.autocast("cpu", True):
+        bf16 = model(x, t)
+    assert bf16.dtype == torch.bfloat16 and 0 < relative_error(bf16, reference) < 2e-2
+    nhwc = Model.from_config(helper.get_config("cpu")).eval()
+    nhwc.load_state_dict(model.state_dict())
+    nhwc = nhwc.to(memory_format=torch.channels_last)
+    assert relative_error(nhwc(x.to(memory_format=torch.channels_last), t), reference) < 1e-5
+
+
+@torch.no_grad()
+def test_compiled_model_matches_eager(cpu_preset_model):
+    model, x, t = cpu_preset_model
+    compiled = torch.compile(model)
+    assert relative_error(compiled(x, t), model(x, t)) < 1e-4
+    with helper.autocast("cpu", True):
+        assert relative_error(compiled(x, t), model(x, t)) < 2e-2

@@ -122,6 +122,18 @@ def test_loadmodel_writes_figures_and_npz(trained, tmp_path):
     assert samples.shape == (5, 28, 28, 1) and samples.dtype == np.uint8
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
+def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler):
+    loadmodel.main([str(trained / "ckpt.pt"), "--sampler", sampler, "--steps", "5", "--num-samples", "2",
+                    "--out", str(tmp_path)])
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (2, 28, 28, 1)
+
+
+def test_loadmodel_refuses_more_steps_than_T(trained):
+    code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), "--steps", "21")
+    assert_one_line_error(code, stderr, "sampling.steps must be in [0, T=20]")
+
+
 def test_loadmodel_seed_reproduces_samples(trained, tmp_path):
     for name in ("a", "b"):
         loadmodel.main([str(trained / "ckpt.pt"), "--num-samples", "3", "--seed", "7", "--out", str(tmp_path / name)])
@@ -152,6 +164,7 @@ def assert_one_line_error(code, stderr, *fragments):
     (["main.py", "--resume", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "--num-samples", "0"], "must be positive"),
+    (["loadmodel.py", "--sampler", "euler"], "invalid choice"),
     (["forwardprocess.py", "--preset", "nope"], "unknown preset"),
     (["main.py", "--device", "tpu"], "device 'tpu' is not available"),
 ])
