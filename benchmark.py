@@ -1,10 +1,11 @@
 """Where the time goes: training and sampling throughput of a preset's U-Net under each
 speed option, its FLOPs, and the machine's own matmul ceiling measured in the same run.
 
-    python benchmark.py [--preset P] [--device D] [--json PATH]
+    python benchmark.py [--preset P] [--device D] [--json PATH] [--profile]
 
 Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
-steps first, then the median of several timed repeats.
+steps first, then the median of several timed repeats. --profile also prints, per variant,
+where one training step spends its time (torch.profiler).
 """
 import copy
 import json
@@ -67,7 +68,36 @@ def flops_per_image(model, cfg, device, batch_size, backward):
     return counter.get_total_flops() / batch_size
 
 
-def run_variant(preset, device, name, sample_batch):
+def profile_step(step, device, top=15):
+    """Where one call of step() spends its time, as two markdown tables: by model-level op (the
+    outermost op, its callees included: a convolution's layout copies count as convolution) and
+    by kernel (each op's own time, so e.g. all copies together)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.events()
+    total_attr, self_attr = (("device_time_total", "self_device_time_total") if device == "cuda"
+                             else ("cpu_time_total", "self_cpu_time_total"))
+
+    def table(title, pairs):
+        shares = {}
+        for key, us in pairs:
+            shares[key] = shares.get(key, 0.0) + us
+        whole = sum(shares.values())
+        lines = [f"| {title} | ms per step | share |", "|---|---:|---:|"]
+        for key, us in sorted(shares.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"| {key} | {us / 1e3:.1f} | {us / whole:.0%} |")
+        return "\n".join(lines)
+
+    outermost = [(e.name.removeprefix("autograd::engine::evaluate_function: "), getattr(e, total_attr))
+                 for e in events if e.cpu_parent is None]
+    return (table("model-level op", outermost) + "\n\n"
+            + table("kernel (own time)", [(e.name, getattr(e, self_attr)) for e in events]))
+
+
+def run_variant(preset, device, name, sample_batch, with_profile=False):
     """Train-step and sampling throughput of one variant; runs in its own process."""
     import main
     from model import Model
@@ -105,10 +135,13 @@ def run_variant(preset, device, name, sample_batch):
     sample_seconds = median_seconds(sample_step, device, 2, 5)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": name, "train_img_s": tr["batch_size"] / train_seconds,
-            "sample_img_s": sample_batch / sample_seconds,
-            "compile_s": (first_train - train_seconds) + (first_sample - sample_seconds) if compile_model else 0.0,
-            "peak_mem_mb": peak / 2 ** 20}
+    row = {"variant": name, "train_img_s": tr["batch_size"] / train_seconds,
+           "sample_img_s": sample_batch / sample_seconds,
+           "compile_s": (first_train - train_seconds) + (first_sample - sample_seconds) if compile_model else 0.0,
+           "peak_mem_mb": peak / 2 ** 20}
+    if with_profile:
+        row["train_profile"] = profile_step(train_step, device)
+    return row
 
 
 def parse_args(argv=None):
@@ -118,6 +151,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample-batch", type=helper.positive_int, default=256, help="batch of sampling steps")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
     parser.add_argument("--json", help="also write the numbers as JSON here")
+    parser.add_argument("--profile", action="store_true", help="also print where a training step spends its time")
     return parser.parse_args(argv)
 
 
@@ -144,13 +178,15 @@ def main(argv=None):
     context = multiprocessing.get_context("spawn")
     for name in names:
         with ProcessPoolExecutor(1, mp_context=context) as pool:
-            row = pool.submit(run_variant, args.preset, device, name, args.sample_batch).result()
+            row = pool.submit(run_variant, args.preset, device, name, args.sample_batch, args.profile).result()
         row["train_tflops"] = row["train_img_s"] * train_flops / 1e12
         row["sample_tflops"] = row["sample_img_s"] * sample_flops / 1e12
         row["train_mfu_bf16"] = row["train_tflops"] / ceilings["bf16"]
         row["sample_mfu_bf16"] = row["sample_tflops"] / ceilings["bf16"]
         rows.append(row)
         print(f"  {name}: {row['train_img_s']:.0f} train img/s, {row['sample_img_s']:.0f} sampling NFE·img/s", flush=True)
+        if args.profile:
+            print(f"\none training step, {name}:\n{row['train_profile']}\n", flush=True)
 
     baseline = rows[0]
     lines = ["| variant | train img/s | × | train TFLOP/s | of bf16 ceiling | sample img·NFE/s | × | "

@@ -19,8 +19,8 @@ import helper
 from helper import UserError
 from loadmodel import load_ema_model
 
-SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
-         ("dpm++", 10), ("dpm++", 20), ("dpm++", 50), ("ddpm", 0)]  # steps 0 = the full chain of T steps
+SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
+         ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
 CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax probability exceeds this
 
 

@@ -80,7 +80,7 @@ presets = {
         "diffusion": {"T": 1000, "schedule": "cosine", "prediction": "v"},
         "training": {"batch_size": 128, "steps": 2600, "optimizer": "adamw", "lr": 2e-3,
                      "warmup_steps": 100, "lr_decay": "cosine", "grad_clip": 1.0,
-                     "ema_decay": 0.995, "min_snr_gamma": 5.0, "checkpoint_every": 250},
+                     "ema_decay": 0.995, "min_snr_gamma": 5.0, "compile": True, "checkpoint_every": 250},
         "sampling": {"sampler": "ddim", "steps": 50, "clip_x0": True},
     },
     # Seconds-long runs for tests.

@@ -178,7 +178,10 @@ def train(cfg, out, state=None, progress=True):
 
     torch.manual_seed(tr["seed"])
     model = prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = torch.compile(model) if tr["compile"] else model
+    network = model
+    if tr["compile"]:
+        torch._dynamo.config.suppress_errors = True  # no working compiler: run eagerly, don't fail
+        network = torch.compile(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer_class = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
@@ -203,7 +206,8 @@ def train(cfg, out, state=None, progress=True):
                                 "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
 
     print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
-          f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps}, {steps_per_epoch} per epoch")
+          f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps}, {steps_per_epoch} per epoch"
+          f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True)
     order, smoothed, tick = None, None, time.perf_counter()

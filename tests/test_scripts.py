@@ -1,5 +1,6 @@
-"""The three scripts end to end on the smoke preset: training, resume, interruption, NaN,
+"""The scripts end to end on the smoke preset: training, resume, interruption, NaN,
 sampling, figures, and a one-line error with exit code 2 for every bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -201,3 +202,21 @@ def test_checkpoint_with_incompatible_config_is_refused(trained, tmp_path):
     assert_one_line_error(code, stderr, "do not match the model")
     code, _, stderr = run_script("main.py", "--resume", str(tmp_path / "unknown_key.pt"))
     assert_one_line_error(code, stderr, "unknown checkpoint config.model key 'heads'")
+
+
+def test_benchmark_reports_throughput_flops_and_profile(tmp_path):
+    path = tmp_path / "bench.json"
+    code, stdout, stderr = run_script("benchmark.py", "--preset", "smoke", "--variants", "eager fp32",
+                                      "--sample-batch", "8", "--profile", "--json", str(path), timeout=300)
+    assert code == 0, stderr
+    result = json.loads(path.read_text())
+    (row,) = result["rows"]
+    assert row["variant"] == "eager fp32" and row["train_img_s"] > 0 and row["sample_img_s"] > 0
+    assert result["train_gflop_per_image"] > 2 * result["sample_gflop_per_image"] > 0  # backward costs ~2x forward
+    assert 0 < row["train_mfu_bf16"] < 1 and result["ceiling_tflops"]["bf16"] > 0
+    assert "| ConvolutionBackward0 |" in stdout and "| eager fp32 |" in stdout
+
+
+def test_benchmark_refuses_an_unknown_variant():
+    code, stdout, stderr = run_script("benchmark.py", "--preset", "smoke", "--variants", "fp8")
+    assert code == 2 and stderr.strip().splitlines() == [stderr.strip()] and "unknown variant" in stderr
