@@ -107,7 +107,7 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
     torch.manual_seed(0)
     model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = torch.compile(model) if compile_model else model
+    network = main.compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator(device).manual_seed(0)

@@ -167,8 +167,7 @@ def read_npz(path):
 
 def generate(model, cfg, sampler, steps, num_samples, seed, device, batch_size=500):
     """Sample num_samples digits with the given sampler; returns uint8 (N, 28, 28, 1) and seconds."""
-    cfg = helper.merge_config(cfg, {"sampling": {"sampler": sampler, "steps": steps}})
-    helper.validate_config(cfg)
+    cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
     start, batches = time.perf_counter(), []
     for i, first in enumerate(tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps or 'T'}", leave=False)):
         n = min(batch_size, num_samples - first)

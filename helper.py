@@ -127,6 +127,13 @@ def get_config(preset):
     return cfg
 
 
+def with_sampling(cfg, **chosen):
+    """cfg with the sampling settings given (None keeps cfg's own), validated."""
+    cfg = merge_config(cfg, {"sampling": {k: v for k, v in chosen.items() if v is not None}})
+    validate_config(cfg)
+    return cfg
+
+
 def validate_config(cfg):
     """Refuse settings that cannot work, with a message saying which."""
     def check(ok, message):

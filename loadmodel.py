@@ -64,9 +64,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = helper.resolve_device(args.device)
     model, cfg = load_ema_model(args.checkpoint, device)
-    chosen = {"sampler": args.sampler, "steps": args.steps}
-    cfg = helper.merge_config(cfg, {"sampling": {k: v for k, v in chosen.items() if v is not None}})
-    helper.validate_config(cfg)
+    cfg = helper.with_sampling(cfg, sampler=args.sampler, steps=args.steps)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]

@@ -102,6 +102,15 @@ def prepare_model(model, cfg):
     return model.to(memory_format=torch.channels_last) if cfg["training"]["channels_last"] else model
 
 
+def compiled(model, cfg):
+    """The network the training step calls: `model`, or its torch.compile wrapper when
+    cfg["training"]["compile"] is set (falling back to eager where no compiler works)."""
+    if not cfg["training"]["compile"]:
+        return model
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for ema_param, param in zip(ema.parameters(), model.parameters()):
@@ -178,10 +187,7 @@ def train(cfg, out, state=None, progress=True):
 
     torch.manual_seed(tr["seed"])
     model = prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = model
-    if tr["compile"]:
-        torch._dynamo.config.suppress_errors = True  # no working compiler: run eagerly, don't fail
-        network = torch.compile(model)
+    network = compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer_class = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
     optimizer = optimizer_class(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
