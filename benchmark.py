@@ -109,7 +109,7 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
     network = main.compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = main.make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(0)
     size = cfg["data"]["image_size"]
     x_0 = torch.rand(tr["batch_size"], cfg["data"]["channels"], size, size, device=device) * 2 - 1
@@ -119,20 +119,21 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
 
     x_t = torch.randn(sample_batch, cfg["data"]["channels"], size, size, device=device)
     t = torch.full((sample_batch,), sched.T // 2, device=device)
+    sampler_network = helper.compile_network(ema.eval(), frozen=True) if compile_model else ema.eval()
 
     @torch.no_grad()
-    def sample_step():
+    def sample_step():  # one network evaluation of helper.sample, compiled as sampling.compile does
         with helper.autocast(device, bf16):
-            network(x_t, t)
+            sampler_network(x_t, t)
 
     start = time.perf_counter()
     train_step()  # the first call compiles, if compiling
     first_train = time.perf_counter() - start
-    train_seconds = median_seconds(train_step, device, 2, 5)
+    train_seconds = median_seconds(train_step, device, 2, 10)
     start = time.perf_counter()
     sample_step()
     first_sample = time.perf_counter() - start
-    sample_seconds = median_seconds(sample_step, device, 2, 5)
+    sample_seconds = median_seconds(sample_step, device, 2, 10)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     row = {"variant": name, "train_img_s": tr["batch_size"] / train_seconds,

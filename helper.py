@@ -66,6 +66,7 @@ config = {
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
         "eta": 0.0,                # ddim noise: 0 deterministic, 1 DDPM-like
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
+        "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
         "num_samples": 64,         # samples in the grid main.py writes at the end
     },
 }
@@ -430,6 +431,8 @@ def sample(model, cfg, num_samples, seed, device, return_trajectory=False, progr
         sched = sched.respace(spaced_timesteps(sched.T, s["steps"], s["spacing"]))
     common = dict(prediction=prediction, clip_x0=s["clip_x0"], return_trajectory=return_trajectory, progress=progress)
     model.eval()
+    if s["compile"]:
+        model = compile_network(model, frozen=True)
     with autocast(device, use_bf16(cfg, device)):
         if s["sampler"] == "ddpm":
             return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
@@ -462,6 +465,14 @@ def cpu_has_bf16():
 def use_bf16(cfg, device):
     mode = cfg["training"]["bf16"]
     return mode == "on" or (mode == "auto" and (device == "cuda" or cpu_has_bf16()))
+
+
+def compile_network(model, frozen=False):
+    """torch.compile (inductor) of the network, falling back to eager where no compiler works.
+    frozen=True is for sampling, which never changes the weights: they become constants of the
+    compiled graph, so their bf16 casts and oneDNN layouts are computed once, not at every call."""
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model, dynamic=False, options={"freezing": True} if frozen else None)
 
 
 def autocast(device, enabled):

@@ -102,13 +102,16 @@ def prepare_model(model, cfg):
     return model.to(memory_format=torch.channels_last) if cfg["training"]["channels_last"] else model
 
 
+def make_optimizer(model, tr):
+    """Adam or AdamW with tr's rate and decay, as one fused kernel over all parameters."""
+    optimizer_class = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
+    return optimizer_class(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"], fused=True)
+
+
 def compiled(model, cfg):
     """The network the training step calls: `model`, or its torch.compile wrapper when
     cfg["training"]["compile"] is set (falling back to eager where no compiler works)."""
-    if not cfg["training"]["compile"]:
-        return model
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model)
+    return helper.compile_network(model) if cfg["training"]["compile"] else model
 
 
 @torch.no_grad()
@@ -189,8 +192,7 @@ def train(cfg, out, state=None, progress=True):
     model = prepare_model(Model.from_config(cfg).to(device), cfg)
     network = compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer_class = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=tr["lr"], weight_decay=tr["weight_decay"])
+    optimizer = make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(tr["seed"])  # t and eps draws
     step, losses, lrs = 0, [], []
     if state is not None:

@@ -94,10 +94,14 @@ def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
     assert relative_error(nhwc(x.to(memory_format=torch.channels_last), t), reference) < 1e-5
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @torch.no_grad()
-def test_compiled_model_matches_eager(cpu_preset_model):
+def test_compiled_model_matches_eager(cpu_preset_model, frozen):
+    """Training's compiled network, and sampling's with the weights frozen into the graph."""
     model, x, t = cpu_preset_model
-    compiled = torch.compile(model)
-    assert relative_error(compiled(x, t), model(x, t)) < 1e-4
+    compiled = helper.compile_network(model, frozen=frozen)
+    reference = model(x, t)
+    assert relative_error(compiled(x, t), reference) < 1e-4
     with helper.autocast("cpu", True):
-        assert relative_error(compiled(x, t), model(x, t)) < 2e-2
+        bf16 = compiled(x, t)
+    assert bf16.dtype == torch.bfloat16 and relative_error(bf16, reference) < 2e-2
