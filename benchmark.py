@@ -47,6 +47,11 @@ def median_seconds(fn, device, warmup, repeats):
     return statistics.median(times)
 
 
+def rate(x):
+    """A throughput to three significant digits, without exponents: 142, 12.1, 6.16."""
+    return f"{x:.0f}" if x >= 100 else f"{x:#.3g}"
+
+
 def matmul_ceiling(device, dtype, n=4096, repeats=5):
     """TFLOP/s of an n x n x n matrix multiply: the most this device does in `dtype`."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -185,7 +190,7 @@ def main(argv=None):
         row["train_mfu_bf16"] = row["train_tflops"] / ceilings["bf16"]
         row["sample_mfu_bf16"] = row["sample_tflops"] / ceilings["bf16"]
         rows.append(row)
-        print(f"  {name}: {row['train_img_s']:.0f} train img/s, {row['sample_img_s']:.0f} sampling NFE·img/s", flush=True)
+        print(f"  {name}: {rate(row['train_img_s'])} train img/s, {rate(row['sample_img_s'])} sampling NFE·img/s", flush=True)
         if args.profile:
             print(f"\none training step, {name}:\n{row['train_profile']}\n", flush=True)
 
@@ -193,8 +198,8 @@ def main(argv=None):
     lines = ["| variant | train img/s | × | train TFLOP/s | of bf16 ceiling | sample img·NFE/s | × | "
              "of bf16 ceiling | compile s | peak MB |", "|---|" + "---:|" * 9]
     for row in rows:
-        lines.append(f"| {row['variant']} | {row['train_img_s']:.0f} | {row['train_img_s'] / baseline['train_img_s']:.2f} | "
-                     f"{row['train_tflops']:.3f} | {row['train_mfu_bf16']:.0%} | {row['sample_img_s']:.0f} | "
+        lines.append(f"| {row['variant']} | {rate(row['train_img_s'])} | {row['train_img_s'] / baseline['train_img_s']:.2f} | "
+                     f"{row['train_tflops']:.3f} | {row['train_mfu_bf16']:.0%} | {rate(row['sample_img_s'])} | "
                      f"{row['sample_img_s'] / baseline['sample_img_s']:.2f} | {row['sample_mfu_bf16']:.0%} | "
                      f"{row['compile_s']:.0f} | {row['peak_mem_mb']:.0f} |")
     print("\n".join(lines))
