@@ -4,8 +4,10 @@ speed option, its FLOPs, and the machine's own matmul ceiling measured in the sa
     python benchmark.py [--preset P] [--device D] [--json PATH] [--profile]
 
 Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
-steps first, then the median of several timed repeats. --profile also prints, per variant,
-where one training step spends its time (torch.profiler).
+steps first, then the median of 10 timed repeats. The compile variant compiles the training
+network as training.compile does and the sampling network as sampling.compile does (weights
+frozen). --profile also prints, per variant, where one training step spends its time
+(torch.profiler).
 """
 import copy
 import json

@@ -108,3 +108,14 @@ def test_compiled_model_matches_eager(frozen):
     with helper.autocast("cpu", True):
         bf16 = compiled(x, t)
     assert bf16.dtype == torch.bfloat16 and relative_error(bf16, reference) < 2e-2
+
+
+@torch.no_grad()
+def test_frozen_compiled_networks_keep_their_own_weights():
+    """Two networks of one architecture compiled with frozen weights in one process (as when
+    evaluating several checkpoints) must not share each other's constants."""
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 5, 10, 19])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Model.from_config(helper.get_config("smoke")).eval()
+        assert relative_error(helper.compile_network(model, frozen=True)(x, t), model(x, t)) < 1e-4
