@@ -22,6 +22,7 @@ from loadmodel import load_ema_model
 
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
          ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
+SAMPLE_BATCH = 500  # digits sampled per batch
 CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax probability exceeds this
 
 
@@ -166,7 +167,7 @@ def read_npz(path):
     return digits
 
 
-def generate(model, cfg, sampler, steps, num_samples, seed, device, batch_size=500):
+def generate(model, cfg, sampler, steps, num_samples, seed, device, batch_size=SAMPLE_BATCH):
     """Sample num_samples digits with the given sampler; returns uint8 (N, 28, 28, 1) and seconds."""
     cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
     start, batches = time.perf_counter(), []
@@ -234,9 +235,8 @@ def main(argv=None):
     if is_npz and (args.sweep or args.sampler or args.steps):
         raise UserError("--sweep, --sampler and --steps need a checkpoint, not an .npz")
     digits = read_npz(args.input) if is_npz else None
-    model, cfg = (None, None) if is_npz else load_ema_model(args.input, helper.resolve_device(args.device))
-    if not is_npz:
-        cfg = helper.with_sampling(cfg, compile=args.compile)
+    device = helper.resolve_device(args.device)
+    model, cfg = (None, None) if is_npz else load_ema_model(args.input, device)
     classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
@@ -249,12 +249,12 @@ def main(argv=None):
     if is_npz:
         rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference)})
     else:
-        device = helper.resolve_device(args.device)
+        cfg = helper.with_sampling(cfg, compile=args.compile)
         runs = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
-        if args.compile:  # compile before the timed rows, on the batch size they use
+        if cfg["sampling"]["compile"]:  # compile before the timed rows, on the batch size they use
             start = time.perf_counter()
-            generate(model, cfg, "ddim", 1, min(n, 500), args.seed, device)
+            generate(model, cfg, "ddim", 1, min(n, SAMPLE_BATCH), args.seed, device)
             print(f"compiled the sampling network in {time.perf_counter() - start:.0f} s")
         for sampler, steps in runs:
             samples, seconds = generate(model, cfg, sampler, steps, n, args.seed, device)

@@ -24,7 +24,7 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=helper.positive_int, default=16, help="digits to sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler's noise")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                        help="sample with the compiled network: about a minute of compilation, then "
+                        help="sample with the compiled network: up to a minute of compilation, then "
                              "faster steps; pays for thousands of network evaluations (default: the checkpoint's)")
     parser.add_argument("--out", help="output directory (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
