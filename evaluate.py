@@ -9,6 +9,7 @@ share of confidently classified samples, beside the MNIST train-vs-test floor.
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -18,11 +19,10 @@ from tqdm import tqdm
 
 import helper
 from helper import UserError
-from loadmodel import load_ema_model
+from loadmodel import load_ema_model, with_sampling_flags
 
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
          ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
-SAMPLE_BATCH = 500  # digits sampled per batch
 CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax probability exceeds this
 
 
@@ -84,10 +84,8 @@ def classify(classifier, digits, batch_size=1000):
 
 def mnist_digits(root, train):
     """MNIST images as uint8 (N, 28, 28, 1) and labels (N,)."""
-    import torchvision
-    helper.load_mnist(root, train)  # the clear error when MNIST is missing
-    dataset = torchvision.datasets.MNIST(root=root, train=train)
-    return dataset.data.unsqueeze(-1).numpy(), dataset.targets
+    images, labels = helper.load_mnist(root, train)
+    return images.unsqueeze(-1).numpy(), labels
 
 
 def load_or_train_classifier(path, root):
@@ -139,19 +137,24 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-def score(classifier, digits, reference, seed=0):
-    """Every metric of uint8 digits (N, 28, 28, 1) against reference features (M, 128)."""
+def score(classifier, digits, reference, labels=None, seed=0):
+    """Every metric of uint8 digits (N, 28, 28, 1) against reference features (M, 128); with the
+    requested labels (N,), also the share the classifier assigns to the requested digit."""
     features, probs = classify(classifier, digits)
     subset = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:len(digits)]
     precision, recall = precision_recall(reference[subset], features)
     histogram = torch.bincount(probs.argmax(-1), minlength=10) / len(digits)
-    return {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall,
-            "confident": (probs.max(-1).values > CONFIDENT).double().mean().item(),
-            "classes": [round(p, 4) for p in histogram.tolist()]}
+    metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall,
+               "confident": (probs.max(-1).values > CONFIDENT).double().mean().item(),
+               "classes": [round(p, 4) for p in histogram.tolist()]}
+    if labels is not None:
+        metrics["accuracy"] = (probs.argmax(-1) == torch.as_tensor(labels)).double().mean().item()
+    return metrics
 
 
 def read_npz(path):
-    """uint8 digits (N, 28, 28, 1) from an .npz with key arr_0, as loadmodel.py writes them."""
+    """uint8 digits (N, 28, 28, 1) from an .npz with key arr_0, as loadmodel.py writes them, and
+    the requested digits (N,) int64 from its key labels, or None where there is none."""
     if not os.path.isfile(path):
         raise UserError(f"'{path}' does not exist")
     try:
@@ -159,31 +162,36 @@ def read_npz(path):
             if "arr_0" not in archive:
                 raise UserError(f"'{path}' has no array arr_0 (keys: {', '.join(archive.files)})")
             digits = archive["arr_0"]
+            labels = archive["labels"] if "labels" in archive else None
     except (OSError, ValueError) as error:
         raise UserError(f"'{path}' is not a readable .npz ({type(error).__name__})") from None
     if digits.dtype != np.uint8 or digits.ndim != 4 or digits.shape[1:] != (28, 28, 1) or len(digits) < 2:
         raise UserError(f"'{path}' arr_0 must be uint8 of shape (N >= 2, 28, 28, 1), "
                         f"got {digits.dtype} {digits.shape}")
-    return digits
+    if labels is not None and (labels.dtype != np.int64 or labels.shape != (len(digits),)
+                               or labels.min() < 0 or labels.max() > 9):
+        raise UserError(f"'{path}' labels must be int64 digits 0-9 of shape ({len(digits)},), "
+                        f"got {labels.dtype} {labels.shape}")
+    return digits, labels
 
 
-def generate(model, cfg, sampler, steps, num_samples, seed, device, batch_size=SAMPLE_BATCH):
-    """Sample num_samples digits with the given sampler; returns uint8 (N, 28, 28, 1) and seconds."""
+def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None):
+    """Sample num_samples digits with the given sampler (guided towards `labels` (N,) for a
+    conditional model); returns uint8 (N, 28, 28, 1) and seconds."""
     cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
-    start, batches = time.perf_counter(), []
-    for i, first in enumerate(tqdm(range(0, num_samples, batch_size), desc=f"{sampler}-{steps or 'T'}", leave=False)):
-        n = min(batch_size, num_samples - first)
-        batches.append(helper.to_digits(helper.sample(model, cfg, n, seed + i, device, progress=False)))
-    return np.concatenate(batches), time.perf_counter() - start
+    start = time.perf_counter()
+    digits, _ = helper.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}")
+    return digits, time.perf_counter() - start
 
 
 def markdown_table(rows):
-    lines = ["| samples | NFE | FID | precision | recall | confident | s / 1000 samples |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| samples | NFE | FID | precision | recall | confident | requested digit | s / 1000 samples |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         seconds = f"{row['seconds_per_1000']:.1f}" if row.get("seconds_per_1000") else "-"
+        accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
         lines.append(f"| {row['name']} | {row.get('nfe', '-')} | {row['fid']:.3f} | {row['precision']:.3f} | "
-                     f"{row['recall']:.3f} | {row['confident']:.3f} | {seconds} |")
+                     f"{row['recall']:.3f} | {row['confident']:.3f} | {accuracy} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -209,6 +217,39 @@ def plot_fid_vs_nfe(rows, path):
     plt.close(fig)
 
 
+def guidance_list(text):
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    if any(w < 0 for w in values):
+        raise argparse.ArgumentTypeError(f"guidance must not be negative, got {text!r}")
+    return values
+
+
+def plot_guidance(rows, path):
+    """FID and requested-digit accuracy against the guidance weight w."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = [row for row in rows if "guidance" in row]
+    w = [row["guidance"] for row in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(w, [row["fid"] for row in points], "o-", color="C0", label="FID")
+    floor = next(row for row in rows if row["name"].startswith("MNIST train"))
+    ax.axhline(floor["fid"], color="0.5", ls="--", label="MNIST train vs test FID")
+    ax.set_xlabel("guidance w (0: unconditional, 1: conditional)")
+    ax.set_ylabel("FID (classifier features)", color="C0")
+    ax.legend(loc="upper center")
+    acc_ax = ax.twinx()
+    acc_ax.plot(w, [row["accuracy"] for row in points], "s-", color="C1")
+    acc_ax.plot(w, [row["precision"] for row in points], "^:", color="C2")
+    acc_ax.set_ylabel("requested-digit accuracy (orange), precision (green)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
@@ -217,6 +258,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
+    parser.add_argument("--guidance", type=guidance_list,
+                        help="conditional checkpoints: guidance weights w to score, comma-separated, e.g. "
+                             "0,1,2 (default: the checkpoint's); the samples ask for N/10 of each digit")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="sample with the compiled network (sampling.compile; default: on, since "
                              "thousands of network evaluations repay its compilation)")
@@ -230,13 +274,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    command = " ".join(["python evaluate.py", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
-    if is_npz and (args.sweep or args.sampler or args.steps):
-        raise UserError("--sweep, --sampler and --steps need a checkpoint, not an .npz")
-    digits = read_npz(args.input) if is_npz else None
+    if is_npz and (args.sweep or args.sampler or args.steps or args.guidance):
+        raise UserError("--sweep, --sampler, --steps and --guidance need a checkpoint, not an .npz")
+    digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device)
+    if not is_npz and cfg["model"]["num_classes"]:
+        if args.num_samples % 10:
+            raise UserError(f"a conditional checkpoint is scored on N/10 of each digit: --num-samples must be "
+                            f"a multiple of 10, got {args.num_samples}")
+        labels = torch.arange(10).repeat_interleave(args.num_samples // 10)
+    guidances = args.guidance or [None]
+    if not is_npz:
+        cfg = with_sampling_flags(cfg, guidances[0], compile=args.compile)
     classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
@@ -247,31 +300,40 @@ def main(argv=None):
     rows = [{"name": f"MNIST train ({len(pick)}) vs test", **score(classifier, train_digits[pick.numpy()], reference)}]
 
     if is_npz:
-        rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference)})
+        rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference, labels)})
     else:
-        cfg = helper.with_sampling(cfg, compile=args.compile)
         runs = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
-        if cfg["sampling"]["compile"]:  # compile before the timed rows, on the batch size they use
+        if cfg["sampling"]["compile"]:  # compile before the timed rows, on the batch shapes they use
             start = time.perf_counter()
-            generate(model, cfg, "ddim", 1, min(n, SAMPLE_BATCH), args.seed, device)
+            for w in {w if w not in (0, 1) else 1.0 for w in guidances}:  # guided calls run a batch of 2B
+                warm = cfg if w is None else helper.with_sampling(cfg, guidance=w)
+                batch = min(n, helper.SAMPLE_BATCH)
+                generate(model, warm, "ddim", 1, batch, args.seed, device, None if labels is None else labels[:batch])
             print(f"compiled the sampling network in {time.perf_counter() - start:.0f} s")
         for sampler, steps in runs:
-            samples, seconds = generate(model, cfg, sampler, steps, n, args.seed, device)
-            nfe = steps or cfg["diffusion"]["T"]
-            rows.append({"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
-                         "seconds_per_1000": 1000 * seconds / n, **score(classifier, samples, reference)})
-            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+            for w in guidances:
+                row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
+                samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
+                nfe = steps or cfg["diffusion"]["T"]
+                row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
+                       "seconds_per_1000": 1000 * seconds / n}
+                if labels is not None:
+                    row["guidance"] = row_cfg["sampling"]["guidance"]
+                    row["name"] += f", w = {row['guidance']:g}"
+                rows.append({**row, **score(classifier, samples, reference, labels)})
+                print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 
     table = markdown_table(rows)
     print(table)
     out = args.out or os.path.dirname(os.path.abspath(args.input))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.md"), "w") as f:
-        f.write(f"`python evaluate.py {args.input}{' --sweep' if args.sweep else ''}` with N = {n}, "
-                f"classifier test accuracy {accuracy:.2%}\n\n{table}\n")
+        f.write(f"`{command}` with N = {n}, classifier test accuracy {accuracy:.2%}\n\n{table}\n")
     if args.sweep:
         plot_fid_vs_nfe(rows, os.path.join(out, "fid_vs_nfe.png"))
+    if len(guidances) > 1:
+        plot_guidance(rows, os.path.join(out, "guidance.png"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"classifier_test_accuracy": accuracy, "num_samples": n, "rows": rows}, f, indent=1)

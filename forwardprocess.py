@@ -53,7 +53,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = helper.get_config(args.preset)
     root = args.data_root or cfg["data"]["root"]
-    images = helper.load_mnist(root, train=True)  # (60000, 28, 28) uint8
+    images, _ = helper.load_mnist(root, train=True)  # (60000, 28, 28) uint8
     sched = Schedule.from_config(cfg["diffusion"])
     T = sched.T
     generator = torch.Generator().manual_seed(args.seed)

@@ -9,7 +9,9 @@ import copy
 import math
 import os
 import sys
+import tempfile
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,6 +31,7 @@ config = {
         "attn_resolutions": [1],   # resolutions with self-attention; [1]: bottleneck only
         "dropout": 0.1,            # inside every ResnetBlock, before its second conv
         "resamp_with_conv": True,  # strided conv down / conv after nearest-neighbour up
+        "num_classes": 0,          # 0: unconditional; 10: class-conditional on the MNIST digit
     },
     "diffusion": {
         "T": 50,                   # number of diffusion steps
@@ -53,6 +56,7 @@ config = {
         "grad_clip": 0.0,          # clip the global grad norm to this; 0 disables
         "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
         "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+        "p_uncond": 0.1,           # conditional models: share of labels replaced by the null label
         "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
         "channels_last": False,    # NHWC memory format (see benchmark.py for whether it pays)
         "compile": False,          # torch.compile the training network (inductor)
@@ -66,6 +70,7 @@ config = {
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
         "eta": 0.0,                # ddim noise: 0 deterministic, 1 DDPM-like
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
+        "guidance": 1.0,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
         "num_samples": 64,         # samples in the grid main.py writes at the end
     },
@@ -98,6 +103,10 @@ presets = {
 
 class UserError(Exception):
     """Bad input from the user: reported as one line and exit code 2, no traceback."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (a checkpoint that cannot be written): one line, exit code 1."""
 
 
 def merge_config(base, overrides, where="config"):
@@ -147,8 +156,10 @@ def validate_config(cfg):
         check(cfg[section][key] > 0, f"{section}.{key} must be positive, got {cfg[section][key]}")
     check(tr["epochs"] > 0 or tr["steps"] > 0, "training needs epochs > 0 or steps > 0")
     check(tr["steps"] >= 0 and tr["epochs"] >= 0, "training steps/epochs must not be negative")
+    for key in ("ch_mult", "attn_resolutions"):
+        check(all(type(k) is int and k > 0 for k in m[key]), f"model.{key} must be a list of positive ints")
     check(m["ch"] % 4 == 0, "model.ch must be a multiple of 4 (GroupNorm groups of 4+ channels)")
-    check(len(m["ch_mult"]) > 0 and all(k > 0 for k in m["ch_mult"]), "model.ch_mult must be positive")
+    check(len(m["ch_mult"]) > 0, "model.ch_mult must not be empty")
     check(cfg["data"]["image_size"] % 2 ** (len(m["ch_mult"]) - 1) == 0,
           f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")
     check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")
@@ -162,6 +173,9 @@ def validate_config(cfg):
     check(s["sampler"] in ("ddpm", "ddim", "dpm++"), f"unknown sampler '{s['sampler']}'")
     check(s["spacing"] in ("trailing", "uniform", "quadratic"), f"unknown spacing '{s['spacing']}'")
     check(s["eta"] >= 0, "sampling.eta must not be negative")
+    check(s["guidance"] >= 0, f"sampling.guidance must not be negative, got {s['guidance']}")
+    check(m["num_classes"] >= 0, "model.num_classes must not be negative")
+    check(0.0 <= tr["p_uncond"] <= 1.0, "training.p_uncond must be in [0, 1]")
     check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
     check(0 <= s["steps"] <= d["T"], f"sampling.steps must be in [0, T={d['T']}]")
 
@@ -335,7 +349,8 @@ def get_timestep_embedding(timesteps, embedding_dim):
 # ----------------------------------------------------------------------------------------
 # Samplers (report §5). Each is a plain function of (model, x_T, schedule, ...) that walks the
 # schedule's steps from last to first (a respaced schedule for fewer steps) and returns x_0
-# and, on request, the trajectory [x_T, ..., x_0] as (B, S+1, C, H, W).
+# and, for the samples indexed by trajectory_of (K,), their trajectories [x_T, ..., x_0] as
+# (K, S+1, C, H, W), kept on the CPU: only what a figure shows is held in memory.
 
 def denoise(model, x_t, i, sched, prediction, clip_x0):
     """One network call at step i of sched, turned into (x_0, eps) via predict_x0_eps;
@@ -353,29 +368,49 @@ def noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device)
 
 
-@torch.no_grad()
-def ddpm_sample(model, x_T, sched, prediction="eps", variance="beta", clip_x0=False,
-                generator=None, return_trajectory=False, progress=True):
-    """DDPM Algorithm 2 (report §5): x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at the last step.
+class Trajectory:
+    """The states x_T, ..., x_0 of the samples indexed by `of` (K,), or nothing when `of` is None."""
+
+    def __init__(self, x_T, of):
+        self.of, self.states = of, []
+        self.append(x_T)
+
+    def append(self, x_t):
+        if self.of is not None:
+            self.states.append(x_t[self.of].cpu())
+
+    def result(self, x_0):
+        return x_0 if self.of is None else (x_0, torch.stack(self.states, 1))  # (K, S+1, C, H, W)
+
+
+def ddpm_step(model, x_t, i, sched, prediction, sigmas, clip_x0, generator):
+    """DDPM Algorithm 2's step i -> i-1: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at i = 0.
     mu_theta is DDPM eq. 7 evaluated at the predicted x_0; for eps-prediction without
     clipping this is exactly eq. 11, 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps)."""
+    x_0, _, i_batch = denoise(model, x_t, i, sched, prediction, clip_x0)
+    mean = q_posterior_mean(x_0, x_t, i_batch, sched)
+    return mean + sigmas[i].item() * noise_like(x_t, generator) if i > 0 else mean
+
+
+@torch.no_grad()
+def ddpm_sample(model, x_T, sched, prediction="eps", variance="beta", clip_x0=False,
+                generator=None, trajectory_of=None, progress=True):
+    """DDPM Algorithm 2 (report §5): ddpm_step from x_T down to x_0."""
     sigmas = sched.sigmas(variance)
-    x_t, trajectory = x_T, [x_T]
+    x_t, trajectory = x_T, Trajectory(x_T, trajectory_of)
     for i in tqdm(range(sched.T - 1, -1, -1), desc="ddpm", disable=not progress, leave=False):
-        x_0, _, i_batch = denoise(model, x_t, i, sched, prediction, clip_x0)
-        mean = q_posterior_mean(x_0, x_t, i_batch, sched)
-        x_t = mean + sigmas[i].item() * noise_like(x_t, generator) if i > 0 else mean
+        x_t = ddpm_step(model, x_t, i, sched, prediction, sigmas, clip_x0, generator)
         trajectory.append(x_t)
-    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+    return trajectory.result(x_t)
 
 
 @torch.no_grad()
 def ddim_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
-                generator=None, return_trajectory=False, progress=True):
+                generator=None, trajectory_of=None, progress=True):
     """DDIM eq. 12 (Song et al. 2021), with a = alpha_bar_t and a' = alpha_bar_{t-1} of sched:
     x_{t-1} = sqrt(a') x_0 + sqrt(1 - a' - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')  (eq. 16; eta = 1 is DDPM's beta_tilde)."""
-    x_t, trajectory = x_T, [x_T]
+    x_t, trajectory = x_T, Trajectory(x_T, trajectory_of)
     for i in tqdm(range(sched.T - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
         x_0, eps, _ = denoise(model, x_t, i, sched, prediction, clip_x0)
         alpha_bar, alpha_bar_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
@@ -384,7 +419,7 @@ def ddim_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
         if sigma > 0:
             x_t = x_t + sigma * noise_like(x_t, generator)
         trajectory.append(x_t)
-    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+    return trajectory.result(x_t)
 
 
 def half_log_snr(alpha_bar):
@@ -397,12 +432,12 @@ def half_log_snr(alpha_bar):
 
 @torch.no_grad()
 def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", clip_x0=False,
-                         return_trajectory=False, progress=True):
+                         trajectory_of=None, progress=True):
     """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: with h = lambda_{t-1} - lambda_t,
     x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D,
     D = (1 + 1/(2r)) x_0(t) - 1/(2r) x_0(t+1), r = h_prev / h; first order (D = x_0(t)) at the
     first step and at the last one, which lands on x_0 exactly (sigma = 0)."""
-    x_t, trajectory = x_T, [x_T]
+    x_t, trajectory = x_T, Trajectory(x_T, trajectory_of)
     x_0_next, h_next = None, None  # the previous (noisier) step's x_0 prediction and h
     for i in tqdm(range(sched.T - 1, -1, -1), desc="dpm++", disable=not progress, leave=False):
         x_0, _, _ = denoise(model, x_t, i, sched, prediction, clip_x0)
@@ -417,28 +452,102 @@ def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", clip_x0=False,
         x_t = sigma_ratio * x_t - math.sqrt(alpha_bar_prev) * math.expm1(-h) * D
         x_0_next, h_next = x_0, h
         trajectory.append(x_t)
-    return (x_t, torch.stack(trajectory, 1)) if return_trajectory else x_t
+    return trajectory.result(x_t)
 
 
-def sample(model, cfg, num_samples, seed, device, return_trajectory=False, progress=True):
-    """Draw x_T ~ N(0, I) with `seed` and run the sampler cfg["sampling"] names."""
+class Guided(torch.nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022 eq. 6) around a conditional network, as the
+    plain model(x_t, t) every sampler calls: with the requested labels y (B,) and weight w,
+        output = output(x_t, t, null) + w (output(x_t, t, y) - output(x_t, t, null)),
+    so w = 0 is the unconditional model, w = 1 the conditional one and w > 1 pushes further
+    towards y. Every parameterisation (eps, x0, v) is linear in the network output at fixed x_t,
+    so combining outputs here is combining the implied eps and x_0 in predict_x0_eps. Both
+    passes run as one network call on a batch of 2B."""
+
+    def __init__(self, network, labels, guidance, null_label):
+        super().__init__()
+        self.network, self.labels, self.guidance, self.null_label = network, labels, guidance, null_label
+
+    def forward(self, x_t, t):
+        null = torch.full_like(self.labels, self.null_label)
+        if self.guidance == 0 or (self.labels == self.null_label).all():
+            return self.network(x_t, t, null)
+        if self.guidance == 1:
+            return self.network(x_t, t, self.labels)
+        both = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, null]))
+        conditional, unconditional = both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
+        return unconditional + self.guidance * (conditional - unconditional)
+
+
+def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=True):
+    """The sampler cfg["sampling"] names, from x_T down the (possibly respaced) schedule sched."""
     s, prediction = cfg["sampling"], cfg["diffusion"]["prediction"]
-    generator = torch.Generator(device).manual_seed(seed)
-    size = cfg["data"]["image_size"]
-    x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
+    common = dict(prediction=prediction, clip_x0=s["clip_x0"], trajectory_of=trajectory_of, progress=progress)
+    if s["sampler"] == "ddpm":
+        return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
+    if s["sampler"] == "ddim":
+        return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
+    return dpm_solver_pp_sample(model, x_T, sched, **common)
+
+
+def sampling_schedule(cfg):
+    """The schedule the sampler walks: cfg's, respaced to sampling.steps when fewer than T."""
+    s = cfg["sampling"]
     sched = Schedule.from_config(cfg["diffusion"])
     if s["steps"] and s["steps"] < sched.T:
         sched = sched.respace(spaced_timesteps(sched.T, s["steps"], s["spacing"]))
-    common = dict(prediction=prediction, clip_x0=s["clip_x0"], return_trajectory=return_trajectory, progress=progress)
+    return sched
+
+
+def sampling_network(model, cfg, labels):
+    """The network as the samplers call it, model(x_t, t): eval mode, compiled when
+    sampling.compile is set, and guided towards `labels` (B,) for a conditional model
+    (labels None: the null label, i.e. unconditional samples)."""
+    num_classes = cfg["model"]["num_classes"]
+    if labels is not None and num_classes == 0:
+        raise UserError("this checkpoint is unconditional: it cannot be asked for a digit")
     model.eval()
-    if s["compile"]:
+    if cfg["sampling"]["compile"]:
         model = compile_network(model, frozen=True)
+    if num_classes == 0:
+        return model
+    return Guided(model, labels, cfg["sampling"]["guidance"], num_classes)
+
+
+def sample(model, cfg, num_samples, seed, device, labels=None, x_T=None, trajectory_of=None, progress=True):
+    """Draw x_T ~ N(0, I) with `seed` (unless x_T is given) and run the sampler cfg["sampling"]
+    names; a conditional model is guided towards `labels` (B,), or samples unconditionally."""
+    generator = torch.Generator(device).manual_seed(seed)
+    size = cfg["data"]["image_size"]
+    if x_T is None:
+        x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
+    if labels is None and cfg["model"]["num_classes"] > 0:
+        labels = torch.full((len(x_T),), cfg["model"]["num_classes"], dtype=torch.long)
+    network = sampling_network(model, cfg, None if labels is None else labels.to(device))
     with autocast(device, use_bf16(cfg, device)):
-        if s["sampler"] == "ddpm":
-            return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
-        if s["sampler"] == "ddim":
-            return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
-        return dpm_solver_pp_sample(model, x_T, sched, **common)
+        return run_sampler(network, x_T, sampling_schedule(cfg), cfg, generator, trajectory_of, progress)
+
+
+SAMPLE_BATCH = 500  # digits per batch when sampling many: larger CPU batches lose time to page faults
+
+
+def sample_digits(model, cfg, num_samples, seed, device, labels=None, trajectory_of=(), batch_size=SAMPLE_BATCH,
+                  desc="sampling"):
+    """num_samples digits drawn batch by batch (batch k seeded seed + k), so memory does not grow
+    with N: returns uint8 digits (N, 28, 28, C) and the trajectories (K, S+1, C, H, W) of the
+    samples indexed by trajectory_of (None when it is empty)."""
+    digits, trajectories = [], []
+    starts = range(0, num_samples, batch_size)
+    for k, first in enumerate(tqdm(starts, desc=desc, leave=False, disable=len(starts) == 1)):
+        n = min(batch_size, num_samples - first)
+        keep = torch.tensor([i - first for i in trajectory_of if first <= i < first + n], dtype=torch.long)
+        out = sample(model, cfg, n, seed + k, device, None if labels is None else labels[first:first + n],
+                     trajectory_of=keep if len(keep) else None, progress=len(starts) == 1)
+        if len(keep):
+            out, trajectory = out
+            trajectories.append(trajectory)
+        digits.append(to_digits(out))
+    return np.concatenate(digits), torch.cat(trajectories) if trajectories else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,7 +594,8 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 
 
 def load_mnist(root, train=True):
-    """MNIST images as one uint8 tensor (N, 28, 28), downloaded by torchvision if absent."""
+    """MNIST images as one uint8 tensor (N, 28, 28) and their labels (N,) int64, downloaded
+    by torchvision if absent."""
     import torchvision
     try:
         dataset = torchvision.datasets.MNIST(root=root, train=train, download=True)
@@ -493,7 +603,7 @@ def load_mnist(root, train=True):
         raise UserError(f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
                         f"downloaded ({type(error).__name__}); put the four files "
                         f"{', '.join(MNIST_FILES)} there, or pass --data-root DIR") from None
-    return dataset.data
+    return dataset.data, dataset.targets
 
 
 def to_model_range(images_uint8, image_size):
@@ -516,11 +626,26 @@ def to_digits(samples):
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: to a temporary file of its own in the same folder, synced to disk, then
+    renamed over `path`, so a crash, a kill or a power cut leaves either the previous checkpoint
+    or the new one, whole. A write that fails (disk full, no permission) leaves the previous one
+    and raises RunError naming the path and the cause."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's files are private; a checkpoint is not
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"could not write {path}: {error.strerror or error}; the previous checkpoint is "
+                       f"unchanged") from None
 
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng", "losses", "lrs"}
@@ -536,6 +661,11 @@ def load_checkpoint(path):
         raise UserError(f"'{path}' is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise UserError(f"'{path}' is not a checkpoint written by main.py")
+    kinds = {"model": dict, "ema": dict, "optimizer": dict, "config": dict, "rng": dict, "step": int,
+             "losses": list, "lrs": list}
+    for key, kind in kinds.items():
+        if not isinstance(state[key], kind):
+            raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, not a {kind.__name__}")
     cfg = merge_config(config, state["config"], where="checkpoint config")
     validate_config(cfg)
     return state
@@ -544,7 +674,7 @@ def load_checkpoint(path):
 def load_weights(model, weights):
     try:
         model.load_state_dict(weights)
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):  # wrong shapes or names, or not a state dict at all
         raise UserError("checkpoint weights do not match the model its config describes") from None
 
 
@@ -570,13 +700,17 @@ def positive_int(text):
 
 
 def run(main):
-    """Run a script's main(), turning UserError into one line on stderr and exit code 2
-    (Ctrl-C outside the training loop, which checkpoints first, exits 130 quietly)."""
+    """Run a script's main(), turning UserError into one line on stderr and exit code 2 and
+    RunError into one line and exit code 1 (Ctrl-C outside the training loop, which
+    checkpoints first, exits 130 quietly)."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,7 +1,9 @@
 """Load a checkpoint, sample digits with its EMA weights (report §5, §8) and write the
-per-step denoising trajectories, a sample grid and the samples as .npz.
+per-step denoising trajectories, a sample grid and the samples as .npz. A conditional
+checkpoint (main.py --conditional) draws requested digits with classifier-free guidance.
 
-    python loadmodel.py [CHECKPOINT] [--sampler S] [--steps N] [--num-samples N] [--seed S] [--compile] [--out DIR]
+    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N]
+                        [--num-samples N] [--batch-size B] [--seed S] [--compile] [--out DIR]
 """
 import argparse
 import math
@@ -11,17 +13,37 @@ import numpy as np
 import torch
 
 import helper
+from helper import UserError
 from model import Model
+
+GRID_MAX = 256  # samples shown in samples_grid.png; every sample is in samples.npz
+
+
+def digit_choice(text):
+    if text == "all":
+        return text
+    if not text.isdigit() or not 0 <= int(text) <= 9:
+        raise argparse.ArgumentTypeError(f"must be a digit 0-9 or 'all', got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", default=os.path.join("out", "ckpt.pt"),
                         help="checkpoint written by main.py (default: out/ckpt.pt)")
+    parser.add_argument("--digit", type=digit_choice,
+                        help="conditional checkpoints: the digit to draw, or 'all' for N/10 of each, one row "
+                             "per digit (default: unconditional samples)")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
+                             "1 plain conditional (default: the checkpoint's sampling.guidance)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
-    parser.add_argument("--num-samples", type=helper.positive_int, default=16, help="digits to sample")
+    parser.add_argument("--num-samples", type=helper.positive_int,
+                        help="digits to sample (default: 16, or 100 with --digit all)")
+    parser.add_argument("--batch-size", type=helper.positive_int, default=helper.SAMPLE_BATCH,
+                        help="digits sampled at once; memory depends on this, not on --num-samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler's noise")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="sample with the compiled network: up to a minute of compilation, then "
@@ -29,6 +51,28 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="output directory (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return parser.parse_args(argv)
+
+
+def with_sampling_flags(cfg, guidance=None, **chosen):
+    """cfg with the sampling flags given (None keeps the checkpoint's); --guidance only for a
+    conditional checkpoint."""
+    if guidance is not None and cfg["model"]["num_classes"] == 0:
+        raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional); this one is not")
+    return helper.with_sampling(cfg, guidance=guidance, **chosen)
+
+
+def requested_labels(digit, num_samples, cfg):
+    """The label of each sample (N,) int64, or None for unconditional samples."""
+    if digit is None:
+        return None
+    if cfg["model"]["num_classes"] == 0:
+        raise UserError("--digit needs a conditional checkpoint (python main.py --conditional); this one is not")
+    if digit != "all":
+        return torch.full((num_samples,), digit, dtype=torch.long)
+    if num_samples % 10:
+        raise UserError(f"--digit all draws N/10 of each digit: --num-samples must be a multiple of 10, "
+                        f"got {num_samples}")
+    return torch.arange(10).repeat_interleave(num_samples // 10)
 
 
 def load_ema_model(path, device):
@@ -40,9 +84,9 @@ def load_ema_model(path, device):
     return model.to(device).eval(), cfg
 
 
-def save_trajectory_figure(trajectory, path, max_columns=20):
+def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
     """One row per sample, columns evenly spaced from x_T (left) to x_0 (right).
-    trajectory: (N, S+1, C, H, W) in model range."""
+    trajectory: (N, S+1, C, H, W) in model range; row_labels: a caption per row, or None."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -58,30 +102,50 @@ def save_trajectory_figure(trajectory, path, max_columns=20):
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"{S - 1 - column}/{S - 1}" if column < S - 1 else "x_0", fontsize=7)
+        if row_labels is not None:
+            axes[row, 0].set_ylabel(row_labels[row], fontsize=7)
     fig.suptitle("denoising trajectories: sampler steps left until x_0", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def save_digit_grid(digits, path, nrow):
+    """uint8 digits (N, 28, 28, C) as one PNG grid of nrow per row."""
+    helper.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = helper.resolve_device(args.device)
     model, cfg = load_ema_model(args.checkpoint, device)
-    cfg = helper.with_sampling(cfg, sampler=args.sampler, steps=args.steps, compile=args.compile)
+    cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, compile=args.compile)
+    n = args.num_samples or (100 if args.digit == "all" else 16)
+    labels = requested_labels(args.digit, n, cfg)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
-    print(f"sampling {args.num_samples} digits with {s['sampler']} "
-          f"({s['steps'] or cfg['diffusion']['T']} steps), seed {args.seed}")
-    samples, trajectory = helper.sample(model, cfg, args.num_samples, args.seed, device, return_trajectory=True)
+    wanted = "" if labels is None else f" of digit {args.digit}, guidance w = {s['guidance']},"
+    print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps), "
+          f"seed {args.seed}, {args.batch_size} at a time")
 
-    shown = min(args.num_samples, 8)  # a readable figure; every sample is in the grid and .npz
-    save_trajectory_figure(trajectory[:shown], os.path.join(out, "trajectory.png"))
-    helper.save_grid(samples, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(args.num_samples)))
-    digits = helper.to_digits(samples)  # (N, 28, 28, 1) uint8
-    np.savez(os.path.join(out, "samples.npz"), arr_0=digits)
-    print(f"wrote trajectory.png, samples_grid.png and samples.npz {digits.shape} to {out}")
+    per_row = n // 10 if args.digit == "all" else None
+    shown = list(range(0, n, per_row)) if per_row else list(range(min(n, 8)))  # rows of trajectory.png
+    digits, trajectory = helper.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
+
+    row_labels = None if labels is None else [f"digit {labels[i]}" for i in shown]
+    save_trajectory_figure(trajectory, os.path.join(out, "trajectory.png"), row_labels)
+    if per_row:  # one row per digit: the first of each, at most GRID_MAX in all
+        width = min(per_row, GRID_MAX // 10)
+        grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(10)])
+        save_digit_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
+    else:
+        grid = digits[:GRID_MAX]
+        save_digit_grid(grid, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(len(grid))))
+    arrays = {"arr_0": digits} if labels is None else {"arr_0": digits, "labels": labels.numpy()}
+    np.savez(os.path.join(out, "samples.npz"), **arrays)
+    capped = f" (the grid shows {len(grid)} of them)" if len(grid) < n else ""
+    print(f"wrote trajectory.png, samples_grid.png and samples.npz {digits.shape}{capped} to {out}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
 """Train the diffusion model on MNIST (report §4 Algorithm 1, §7), with EMA weights, periodic
 atomic checkpoints and exact resume; at the end write a sample grid and the loss curve.
 
-    python main.py [--preset P] [--data-root DIR] [--out DIR] [--epochs N | --steps N]
-                   [--resume CKPT] [--seed S] [--device D]
+    python main.py [--preset P] [--conditional] [--data-root DIR] [--out DIR] [--epochs N | --steps N]
+                   [--resume CKPT] [--overwrite] [--seed S] [--device D]
+
+A run folder is never overwritten by accident: a second `python main.py` into a folder whose
+checkpoint is the same run unfinished resumes it, any other refuses (--overwrite starts over),
+and a lock file keeps two runs from writing one folder at once. Ctrl-C and SIGTERM finish the
+step, checkpoint and exit; kill -9 or a power cut loses at most the steps since the last
+checkpoint, since checkpoints are written to a temporary file, synced, then renamed.
 """
 import copy
+import glob
 import json
 import math
 import os
@@ -16,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import helper
-from helper import Schedule, UserError
+from helper import RunError, Schedule, UserError
 from model import Model
 
 
@@ -29,8 +36,12 @@ def parse_args(argv=None):
     length.add_argument("--epochs", type=helper.positive_int, help="train this many epochs")
     length.add_argument("--steps", type=helper.positive_int, help="train this many optimiser steps in total")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in --out even if it holds a checkpoint of another or a finished run")
     parser.add_argument("--seed", type=int, help="training seed (default: config training.seed)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="learn the digit too (model.num_classes = 10), for classifier-free guidance")
     return parser.parse_args(argv)
 
 
@@ -38,8 +49,9 @@ def resolve(args):
     """The run's config, checkpoint to resume (or None) and output directory."""
     state = None
     if args.resume:
-        if args.preset or args.seed is not None:
-            raise UserError("--resume takes its preset and seed from the checkpoint; drop --preset/--seed")
+        if args.preset or args.seed is not None or args.conditional or args.overwrite:
+            raise UserError("--resume takes its preset, seed and conditioning from the checkpoint; "
+                            "drop --preset/--seed/--conditional/--overwrite")
         state = helper.load_checkpoint(args.resume)
         cfg = helper.merge_config(helper.config, state["config"])
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
@@ -47,7 +59,9 @@ def resolve(args):
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
         cfg = helper.get_config(preset)
         out = args.out or "out"
-    overrides = {"data": {}, "training": {}}
+    overrides = {"data": {}, "training": {}, "model": {}}
+    if args.conditional:
+        overrides["model"]["num_classes"] = 10
     if args.data_root:
         overrides["data"]["root"] = args.data_root
     if args.steps:
@@ -63,6 +77,94 @@ def resolve(args):
     return cfg, state, out
 
 
+def same_run(cfg_a, cfg_b):
+    """Whether two configs describe one run: equal but for where the data lives and what runs it."""
+    def essence(cfg):
+        cfg = helper.merge_config(helper.config, cfg)
+        cfg["data"].pop("root"), cfg["training"].pop("device")
+        return cfg
+    return essence(cfg_a) == essence(cfg_b)
+
+
+def total_steps_of(cfg):
+    tr = cfg["training"]
+    return tr["steps"] or tr["epochs"] * (60000 // tr["batch_size"])
+
+
+def guard_run_folder(cfg, state, out, overwrite):
+    """What to do with a checkpoint already in `out`: resume it when it is this run unfinished
+    (returned as the state to continue), refuse when it is another run, and never silently
+    redo a finished one. Returns the state to continue, or None to start from scratch."""
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if state is None and os.path.exists(ckpt_path) and not overwrite:
+        existing = helper.load_checkpoint(ckpt_path)
+        if not same_run(existing["config"], cfg):
+            raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
+                            f"pick a new --out DIR, or pass --overwrite to start over")
+        state = existing
+        if state["step"] < total_steps_of(cfg):
+            print(f"{ckpt_path} is this run, unfinished at step {state['step']}; resuming it")
+    if state is not None and state["step"] >= total_steps_of(cfg):
+        raise RunComplete(f"{ckpt_path} is complete at step {state['step']} of {total_steps_of(cfg)}; "
+                          f"nothing to do (more steps: --resume {ckpt_path} --steps N)")
+    return state
+
+
+class RunComplete(Exception):
+    """The run in the folder has already reached its step count."""
+
+
+class RunLock:
+    """A lock file out/.lock holding the owner's pid, so two runs never write one folder. A lock
+    whose pid no longer runs (the owner was killed) is stale and taken over."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, ".lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is not None and pid_alive(owner):
+                    raise UserError(f"another run (pid {owner}) is writing {os.path.dirname(self.path)}; "
+                                    f"wait for it or pick another --out") from None
+                try:
+                    os.remove(self.path)  # stale: its owner is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(self.path)), "*.pt.*.tmp")):
+                os.remove(leftover)  # a temporary checkpoint of a killed run: never renamed, never needed
+            return self
+        raise UserError(f"could not take the lock {self.path}; another run is starting there")
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    def __exit__(self, *exc):
+        if self.owner() == os.getpid():
+            os.remove(self.path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def lr_at(step, tr, total_steps):
     """Linear warm-up to tr['lr'], then constant or cosine decay to min_lr_ratio * lr."""
     if step < tr["warmup_steps"]:
@@ -73,17 +175,27 @@ def lr_at(step, tr, total_steps):
     return tr["lr"] * (tr["min_lr_ratio"] + (1 - tr["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def diffusion_loss(model, x_0, sched, cfg, generator, bf16):
+def drop_labels(y, p_uncond, null_label, generator):
+    """Classifier-free guidance training (Ho & Salimans 2022 Alg. 1): each label is replaced
+    by the null label with probability p_uncond, so one network learns p(x | y) and p(x)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
     """DDPM Algorithm 1 / L_simple (eq. 14): t ~ U{1..T}, eps ~ N(0, I), regress the network
     output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps onto its target.
     The squared error is averaged (not summed) over pixels and batch, so the loss scale and
-    the useful learning rate do not depend on batch or image size."""
+    the useful learning rate do not depend on batch or image size. A conditional model also
+    sees the digits' labels y (B,), some of them dropped to the null label."""
     B = x_0.shape[0]
     t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)
     eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
     x_t = helper.q_sample(x_0, t, eps, sched)
+    if y is not None:
+        y = drop_labels(y, cfg["training"]["p_uncond"], cfg["model"]["num_classes"], generator)
     with helper.autocast(x_0.device.type, bf16):
-        output = model(x_t, t)
+        output = model(x_t, t) if y is None else model(x_t, t, y)
     prediction = cfg["diffusion"]["prediction"]
     target = helper.training_target(x_0, eps, t, sched, prediction)
     per_sample = (output.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,), in fp32
@@ -120,11 +232,12 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step):
-    """One optimiser step on a batch x_0 (B, C, S, S): loss, backward, clipping, update, EMA.
-    `network` is `model` itself or its compiled wrapper. Returns the loss as a Python float."""
+def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None):
+    """One optimiser step on a batch x_0 (B, C, S, S) (labels y (B,) for a conditional model):
+    loss, backward, clipping, update, EMA. `network` is `model` itself or its compiled wrapper.
+    Returns the loss as a Python float."""
     tr = cfg["training"]
-    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16)
+    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tr["grad_clip"] > 0:
@@ -160,28 +273,35 @@ def save_loss_curve(losses, lrs, path):
 
 
 class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes the current step, checkpoints and exits."""
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop finishes the current step, checkpoints
+    and exits with 128 + the signal's number (130, 143)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+        self.signum = signum
+        for other, handler in self.previous.items():
+            signal.signal(other, handler)  # a second signal interrupts at once
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(cfg, out, state=None, progress=True):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
     returns the EMA model and the per-step losses and learning rates."""
     tr, device = cfg["training"], helper.resolve_device(cfg["training"]["device"])
-    images = helper.load_mnist(cfg["data"]["root"], train=True).to(device)  # (60000, 28, 28) uint8
+    images, labels = helper.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
+    images, labels = images.to(device), labels.to(device)
+    conditional = cfg["model"]["num_classes"] > 0
     steps_per_epoch = len(images) // tr["batch_size"]
     total_steps = tr["steps"] or tr["epochs"] * steps_per_epoch
     bf16 = helper.use_bf16(cfg, device)
@@ -217,9 +337,8 @@ def train(cfg, out, state=None, progress=True):
           f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps}, {steps_per_epoch} per epoch"
           f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True)
     order, smoothed, tick = None, None, time.perf_counter()
-    with StopRequest() as stop:
+    with StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True) as bar:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if order is None or index == 0:
@@ -227,16 +346,15 @@ def train(cfg, out, state=None, progress=True):
                 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(tr["seed"] * 100003 + epoch))
             batch = order[index * tr["batch_size"]:(index + 1) * tr["batch_size"]].to(device)
             x_0 = helper.to_model_range(images[batch], cfg["data"]["image_size"])  # (B, 1, S, S)
+            y = labels[batch] if conditional else None
 
             lr = lr_at(step, tr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step)
+            loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y)
             if not math.isfinite(loss_value):  # the weights in memory are spoilt; the file is not
-                bar.close()
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-                print(f"error: loss is {loss_value} at step {step}; stopping ({kept})", file=sys.stderr)
-                sys.exit(1)
+                raise RunError(f"loss is {loss_value} at step {step}; stopping ({kept})")
             step += 1
             losses.append(loss_value)
             lrs.append(lr)
@@ -249,27 +367,39 @@ def train(cfg, out, state=None, progress=True):
             bar.update(1)
             if step % tr["checkpoint_every"] == 0 or step == total_steps:
                 checkpoint()
-            if stop.requested:
+            if stop.signum is not None:
                 checkpoint()
                 bar.close()
-                print(f"interrupted at step {step}; saved {ckpt_path}; continue with "
-                      f"python main.py --resume {ckpt_path}", file=sys.stderr)
-                sys.exit(130)
-    bar.close()
+                print(f"interrupted ({signal.Signals(stop.signum).name}) at step {step}; saved {ckpt_path}; "
+                      f"continue with python main.py --resume {ckpt_path}", file=sys.stderr)
+                sys.exit(128 + stop.signum)
     return ema, losses, lrs
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg, state, out = resolve(args)
-    print(json.dumps(cfg, indent=1))
-    start = time.perf_counter()
-    ema, losses, lrs = train(cfg, out, state)
+    with RunLock(out):
+        try:
+            state = guard_run_folder(cfg, state, out, args.overwrite)
+        except RunComplete as complete:
+            print(complete)
+            return
+        print(json.dumps(cfg, indent=1))
+        start = time.perf_counter()
+        ema, losses, lrs = train(cfg, out, state)
+        finish(ema, losses, lrs, cfg, out, start)
+
+
+def finish(ema, losses, lrs, cfg, out, start):
+    """The end of a run: the loss curve and a grid of samples from the EMA weights."""
     print(f"trained in {(time.perf_counter() - start) / 60:.1f} min; checkpoint {os.path.join(out, 'ckpt.pt')}")
     save_loss_curve(losses, lrs, os.path.join(out, "loss.png"))
-    num_samples = cfg["sampling"]["num_samples"]
-    samples = helper.sample(ema, cfg, num_samples, seed=0, device=helper.resolve_device(cfg["training"]["device"]))
-    helper.save_grid(samples, os.path.join(out, "samples.png"), nrow=int(math.sqrt(num_samples)))
+    num_samples, num_classes = cfg["sampling"]["num_samples"], cfg["model"]["num_classes"]
+    labels = torch.arange(num_samples) % num_classes if num_classes else None  # a conditional grid: digit per column
+    samples = helper.sample(ema, cfg, num_samples, seed=0, device=helper.resolve_device(cfg["training"]["device"]),
+                            labels=labels)
+    helper.save_grid(samples, os.path.join(out, "samples.png"), nrow=num_classes or int(math.sqrt(num_samples)))
     print(f"wrote {os.path.join(out, 'samples.png')} and {os.path.join(out, 'loss.png')}")
 
 

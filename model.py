@@ -12,14 +12,21 @@ from upsample import Upsample
 class Model(nn.Module):
     """conv_in -> down levels (ResnetBlocks [+ AttnBlock], Downsample) -> middle (Resnet, Attn,
     Resnet) -> up levels (ResnetBlocks on skip concatenations [+ AttnBlock], Upsample) -> GN,
-    swish, conv_out.  x: (B, C, H, W), t: (B,) timestep indices -> (B, C, H, W)."""
+    swish, conv_out.  x: (B, C, H, W), t: (B,) timestep indices -> (B, C, H, W).
+
+    With num_classes > 0 the network is also conditioned on a label y (B,) in 0..num_classes,
+    where y = num_classes is the "null" label of classifier-free guidance (Ho & Salimans 2022):
+    a learned embedding of y is added to the time embedding."""
 
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-                 in_channels, resolution):
+                 in_channels, resolution, num_classes=0):
         super().__init__()
         self.ch, self.num_res_blocks, self.num_resolutions = ch, num_res_blocks, len(ch_mult)
+        self.num_classes = num_classes
         self.temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, self.temb_ch), nn.SiLU(), nn.Linear(self.temb_ch, self.temb_ch))
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes + 1, self.temb_ch)  # the last row: null label
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         widths = [ch * m for m in ch_mult]
@@ -66,9 +73,12 @@ class Model(nn.Module):
     def from_config(cls, cfg):
         return cls(**cfg["model"], in_channels=cfg["data"]["channels"], resolution=cfg["data"]["image_size"])
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         assert x.ndim == 4 and t.shape == (x.shape[0],), f"x {tuple(x.shape)}, t {tuple(t.shape)}"
+        assert (y is not None) == (self.num_classes > 0), "a label y for conditional models only"
         temb = self.temb(get_timestep_embedding(t, self.ch))  # (B,) -> (B, 4 ch)
+        if y is not None:
+            temb = temb + self.label_emb(y)  # (B,) -> (B, 4 ch)
 
         hs = [self.conv_in(x)]
         for i_level, level in enumerate(self.down):

@@ -21,4 +21,22 @@ def mnist_root():
 def digits(mnist_root):
     """The first 512 MNIST training digits in model range, (512, 1, 28, 28)."""
     import helper
-    return helper.to_model_range(helper.load_mnist(mnist_root)[:512], 28)
+    return helper.to_model_range(helper.load_mnist(mnist_root)[0][:512], 28)
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory, mnist_root):
+    """A feature classifier trained briefly (3 epochs) on 6000 digits, saved where evaluate.py caches it."""
+    import torch
+
+    import evaluate
+    import helper
+    images, labels = evaluate.mnist_digits(mnist_root, train=True)
+    classifier = evaluate.train_classifier(torch.as_tensor(images[:6000]).squeeze(-1), labels[:6000],
+                                           epochs=3, progress=False)
+    test_images, test_labels = evaluate.mnist_digits(mnist_root, train=False)
+    _, probs = evaluate.classify(classifier, test_images[:2000])
+    accuracy = (probs.argmax(-1) == test_labels[:2000]).double().mean().item()
+    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
+    helper.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
+    return path, accuracy

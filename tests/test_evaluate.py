@@ -63,20 +63,6 @@ def test_npz_reader_rejects_a_missing_key_on_one_line(tmp_path):
     assert_one_line_error(code, stderr, "has no array arr_0")
 
 
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory, mnist_root):
-    """A feature classifier trained briefly (3 epochs) on 6000 digits, saved where evaluate.py caches it."""
-    images, labels = evaluate.mnist_digits(mnist_root, train=True)
-    classifier = evaluate.train_classifier(torch.as_tensor(images[:6000]).squeeze(-1), labels[:6000],
-                                           epochs=3, progress=False)
-    test_images, test_labels = evaluate.mnist_digits(mnist_root, train=False)
-    _, probs = evaluate.classify(classifier, test_images[:2000])
-    accuracy = (probs.argmax(-1) == test_labels[:2000]).double().mean().item()
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    helper.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
-    return path, accuracy
-
-
 def test_classifier_learns_mnist(classifier_file):
     assert classifier_file[1] > 0.95
 

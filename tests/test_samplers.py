@@ -90,9 +90,9 @@ def test_trajectory_runs_from_x_T_to_the_returned_sample():
     sched = Schedule(helper.linear_betas(10, 1e-4, 0.1))
     start = x_T(4).float()
     samples, trajectory = helper.ddpm_sample(OptimalGaussianDenoiser(sched, "eps"), start, sched,
-                                             return_trajectory=True, progress=False)
-    assert trajectory.shape == (4, 11, 1, 1, 1)
-    assert torch.equal(trajectory[:, 0], start) and torch.equal(trajectory[:, -1], samples)
+                                             trajectory_of=torch.tensor([3, 1]), progress=False)
+    assert trajectory.shape == (2, 11, 1, 1, 1)
+    assert torch.equal(trajectory[:, 0], start[[3, 1]]) and torch.equal(trajectory[:, -1], samples[[3, 1]])
 
 
 def test_ddim_with_many_steps_is_invertible():

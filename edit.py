@@ -1,0 +1,211 @@
+"""Edit digits with a trained model: fill in a masked part of a real MNIST test digit
+(RePaint), and walk between two starting noises (slerp); a conditional checkpoint can be asked
+for a digit, and also renders the same noises with each of the ten labels.
+
+    python edit.py inpaint [CHECKPOINT] --index I [--mask top|bottom|left|right|centre] [--digit D]
+                           [--resample R] [--count N] [--num-samples K] [--steps N] [--seed S]
+    python edit.py interpolate [CHECKPOINT] [--seeds A B] [--frames F] [--pairs P] [--digit D]
+                               [--sampler ddim|dpm++] [--steps N]
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import helper
+from helper import UserError
+from loadmodel import digit_choice, load_ema_model, requested_labels, with_sampling_flags
+
+MASKS = ["top", "bottom", "left", "right", "centre"]
+
+
+def region_mask(name, size):
+    """1 where the pixel is known, 0 in the region to fill: (1, 1, size, size)."""
+    known = torch.ones(1, 1, size, size)
+    half, quarter = size // 2, size // 4
+    region = {"top": (slice(0, half), slice(None)), "bottom": (slice(half, None), slice(None)),
+              "left": (slice(None), slice(0, half)), "right": (slice(None), slice(half, None)),
+              "centre": (slice(quarter, size - quarter), slice(quarter, size - quarter))}[name]
+    known[0, 0][region] = 0
+    return known
+
+
+@torch.no_grad()
+def repaint(model, x_T, sched, x_known, known, prediction, variance, clip_x0, generator, resample=1,
+            progress=True):
+    """RePaint (Lugmayr et al. 2022, Alg. 1) on DDPM's ancestral steps: at every step i -> i-1
+    the known pixels (known = 1) are replaced by the original forward-noised to level i-1,
+        x_{i-1} = known * q_sample(x_known, i-1) + (1 - known) * ddpm_step(x_i),
+    the original itself at the last step; with resample = r, each step is redone r times,
+    jumping back by one forward step x_i ~ q(x_i | x_{i-1}) in between, so the generated part
+    can adapt to the known one. Shapes (B, C, H, W); known broadcasts."""
+    sigmas = sched.sigmas(variance)
+    x_t = x_T
+    for i in tqdm(range(sched.T - 1, -1, -1), desc="repaint", disable=not progress, leave=False):
+        i_batch = torch.full((len(x_t),), i, device=x_t.device, dtype=torch.long)
+        for u in range(resample):
+            generated = helper.ddpm_step(model, x_t, i, sched, prediction, sigmas, clip_x0, generator)
+            if i > 0:
+                x_known_prev = helper.q_sample(x_known, i_batch - 1, helper.noise_like(x_known, generator), sched)
+            else:
+                x_known_prev = x_known
+            x_prev = known * x_known_prev + (1 - known) * generated
+            if u < resample - 1 and i > 0:
+                x_t = helper.q_sample_step(x_prev, i_batch, helper.noise_like(x_prev, generator), sched)
+        x_t = x_prev
+    return x_t
+
+
+def slerp(z_0, z_1, a):
+    """Spherical interpolation between noises z_0, z_1 (B, ...) at fraction a in [0, 1]:
+    sin((1 - a) theta) / sin(theta) z_0 + sin(a theta) / sin(theta) z_1, theta the angle between
+    them. Unlike a straight line it keeps the norm of Gaussian noise (about sqrt(dim)), so every
+    point is a likely x_T."""
+    flat_0, flat_1 = z_0.flatten(1), z_1.flatten(1)
+    cos = (flat_0 * flat_1).sum(1) / (flat_0.norm(dim=1) * flat_1.norm(dim=1))
+    theta = cos.clamp(-1, 1).acos().reshape(-1, *[1] * (z_0.ndim - 1))  # (B, 1, 1, 1)
+    return (torch.sin((1 - a) * theta) * z_0 + torch.sin(a * theta) * z_1) / torch.sin(theta)
+
+
+def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
+    """A figure of digit rows: rows (R, K, H, W) uint8."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    R, K = rows.shape[:2]
+    fig, axes = plt.subplots(R, K, figsize=(0.8 * K + 0.4, 0.8 * R + 0.5), squeeze=False)
+    for r in range(R):
+        for k in range(K):
+            ax = axes[r, k]
+            ax.imshow(rows[r, k], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0 and column_labels is not None:
+                ax.set_title(column_labels[k], fontsize=7)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def inpaint(args, model, cfg, device, out):
+    images, labels = helper.load_mnist(args.data_root, train=False)
+    if not 0 <= args.index or args.index + args.count > len(images):
+        raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} test digits")
+    size, K = cfg["data"]["image_size"], args.num_samples
+    originals = helper.to_model_range(images[args.index:args.index + args.count], size)  # (count, 1, S, S)
+    known = region_mask(args.mask, size).to(device)
+    x_known = originals.repeat_interleave(K, 0).to(device)  # each original K times: (count K, 1, S, S)
+    wanted = requested_labels(args.digit, len(x_known), cfg)
+    requested = labels[args.index:args.index + args.count].repeat_interleave(K) if wanted is None else wanted
+    if cfg["model"]["num_classes"] and wanted is None:
+        wanted = torch.full((len(x_known),), cfg["model"]["num_classes"], dtype=torch.long)  # the null label
+    sched = helper.sampling_schedule(cfg)
+    print(f"inpainting the {args.mask} of {args.count} test digit(s) from index {args.index}, {K} completion(s) "
+          f"each: DDPM, {sched.T} steps x {args.resample} (resampling)")
+    digits = []
+    starts = range(0, len(x_known), args.batch_size)
+    for k, first in enumerate(tqdm(starts, desc="inpaint", leave=False, disable=len(starts) == 1)):
+        part = slice(first, first + args.batch_size)
+        generator = torch.Generator(device).manual_seed(args.seed + k)
+        x_T = torch.randn(x_known[part].shape, generator=generator, device=device)
+        network = helper.sampling_network(model, cfg, None if wanted is None else wanted[part].to(device))
+        with helper.autocast(device, helper.use_bf16(cfg, device)):
+            filled = repaint(network, x_T, sched, x_known[part], known, cfg["diffusion"]["prediction"],
+                             cfg["sampling"]["variance"], cfg["sampling"]["clip_x0"], generator, args.resample,
+                             progress=len(starts) == 1)
+        digits.append(helper.to_digits(filled))
+    digits = np.concatenate(digits)  # (count K, 28, 28, 1)
+    np.savez(os.path.join(out, "inpainted.npz"), arr_0=digits, labels=requested.numpy())
+
+    shown = min(args.count, 8)
+    first_digits = helper.to_digits(originals[:shown])  # (shown, 28, 28, 1)
+    masked = helper.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
+    completions = digits[:shown * K].reshape(shown, K, 28, 28)
+    rows = np.concatenate([first_digits[:, None, ..., 0], masked[:, None, ..., 0], completions], axis=1)
+    ask = "" if args.digit is None else f", asked for a {args.digit}"
+    save_rows(rows, os.path.join(out, "inpaint.png"), [f"#{args.index + r}" for r in range(shown)],
+              ["original", "input"] + [f"fill {c + 1}" for c in range(K)],
+              f"inpainting the {args.mask} (RePaint, r = {args.resample}{ask})")
+    print(f"wrote inpaint.png and inpainted.npz {digits.shape} (labels: "
+          f"{'requested' if args.digit is not None else 'the originals'}) to {out}")
+
+
+def interpolate(args, model, cfg, device, out):
+    cfg = helper.with_sampling(cfg, eta=0.0)  # deterministic: the strip is a function of the noise
+    size, F = cfg["data"]["image_size"], args.frames
+    shape = (args.pairs, cfg["data"]["channels"], size, size)
+    z_0, z_1 = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in args.seeds)
+    fractions = torch.linspace(0, 1, F)
+    x_T = torch.cat([slerp(z_0, z_1, a) for a in fractions.tolist()])  # (F P, C, S, S), frame-major
+    labels = requested_labels(args.digit, len(x_T), cfg)
+    samples = helper.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
+    strips = helper.to_digits(samples)[..., 0].reshape(F, args.pairs, 28, 28).transpose(1, 0, 2, 3)  # (P, F, 28, 28)
+    what = "" if args.digit is None else f", digit {args.digit}"
+    save_rows(strips, os.path.join(out, "interpolation.png"), None, [f"{a:.2f}" for a in fractions.tolist()],
+              f"slerp between the noises of seeds {args.seeds[0]} and {args.seeds[1]} "
+              f"({cfg['sampling']['sampler']}, eta = 0{what})")
+    written = ["interpolation.png"]
+    if cfg["model"]["num_classes"]:  # the same noises with every label: what the noise itself encodes
+        x_T = z_0.repeat_interleave(10, 0)  # (P 10, C, S, S)
+        samples = helper.sample(model, cfg, len(x_T), args.seeds[0], device, labels=torch.arange(10).repeat(args.pairs),
+                                x_T=x_T.to(device))
+        rows = helper.to_digits(samples)[..., 0].reshape(args.pairs, 10, 28, 28)
+        save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(10)],
+                  f"one noise per row (seed {args.seeds[0]}), each label, guidance w = {cfg['sampling']['guidance']}")
+        written.append("labels.png")
+    print(f"wrote {' and '.join(written)} to {out}")
+
+
+def parse_args(argv=None):
+    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = helper.ArgumentParser(add_help=False)
+    common.add_argument("checkpoint", nargs="?", default=os.path.join("out", "ckpt.pt"),
+                        help="checkpoint written by main.py (default: out/ckpt.pt)")
+    common.add_argument("--digit", type=digit_choice, help="conditional checkpoints: the digit to ask for")
+    common.add_argument("--guidance", type=float, help="classifier-free guidance w (default: the checkpoint's)")
+    common.add_argument("--steps", type=helper.positive_int, help="network evaluations (default: the checkpoint's)")
+    common.add_argument("--compile", action="store_true", help="sample with the compiled network")
+    common.add_argument("--out", help="output directory (default: the checkpoint's)")
+    common.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    fill = commands.add_parser("inpaint", parents=[common], help="fill a masked region of a test digit")
+    fill.add_argument("--index", type=int, default=0, help="first MNIST test digit (0-9999)")
+    fill.add_argument("--count", type=helper.positive_int, default=1, help="test digits from --index on")
+    fill.add_argument("--mask", choices=MASKS, default="top", help="the region to fill")
+    fill.add_argument("--resample", type=helper.positive_int, default=1,
+                      help="RePaint's r: times each step is redone after jumping back (1: none)")
+    fill.add_argument("--num-samples", type=helper.positive_int, default=6, help="completions per digit")
+    fill.add_argument("--batch-size", type=helper.positive_int, default=helper.SAMPLE_BATCH)
+    fill.add_argument("--seed", type=int, default=0)
+    fill.add_argument("--data-root", default=helper.config["data"]["root"], help="torchvision MNIST root")
+
+    walk = commands.add_parser("interpolate", parents=[common], help="slerp between two noises")
+    walk.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"), help="the two noises")
+    walk.add_argument("--frames", type=helper.positive_int, default=10, help="points along the path, ends included")
+    walk.add_argument("--pairs", type=helper.positive_int, default=4, help="strips (noise pairs) drawn")
+    walk.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim", help="a deterministic sampler")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = helper.resolve_device(args.device)
+    model, cfg = load_ema_model(args.checkpoint, device)
+    if args.digit == "all":
+        raise UserError("--digit all is for loadmodel.py; edit.py asks for one digit")
+    sampler = "ddpm" if args.command == "inpaint" else args.sampler
+    cfg = with_sampling_flags(cfg, args.guidance, sampler=sampler, steps=args.steps, compile=args.compile or None)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+    (inpaint if args.command == "inpaint" else interpolate)(args, model, cfg, device, out)
+
+
+if __name__ == "__main__":
+    helper.run(main)

@@ -1,0 +1,267 @@
+"""Conditional training, classifier-free guidance, inpainting and interpolation: the math
+against closed forms and the scripts end to end on the smoke preset."""
+import numpy as np
+import pytest
+import torch
+
+import edit
+import evaluate
+import helper
+import loadmodel
+import main
+from helper import Schedule
+from model import Model
+from test_scripts import assert_one_line_error, run_script, smoke_config
+
+
+def conditional_model(seed=0):
+    """A smoke-sized conditional U-Net whose label embedding matters (random, not zero)."""
+    cfg = helper.merge_config(helper.get_config("smoke"), {"model": {"num_classes": 10}})
+    torch.manual_seed(seed)
+    model = Model.from_config(cfg).eval()
+    with torch.no_grad():
+        model.label_emb.weight.normal_()
+    return model, cfg
+
+
+def inputs(B=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 1, 28, 28, generator=generator), torch.tensor([0, 5, 12, 19])[:B]
+
+
+def test_drop_labels_replaces_the_requested_share_with_the_null_label():
+    y = torch.randint(0, 10, (200000,), generator=torch.Generator().manual_seed(0))
+    for p in (0.0, 0.1, 0.5, 1.0):
+        dropped = main.drop_labels(y, p, 10, torch.Generator().manual_seed(1))
+        null = dropped == 10
+        assert null.double().mean().item() == pytest.approx(p, abs=0.005)
+        assert torch.equal(dropped[~null], y[~null])  # the others keep their own label
+
+
+def test_training_feeds_the_network_labels_with_nulls_at_p_uncond(mnist_root):
+    model, cfg = conditional_model()
+    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.25}})
+    seen = []
+
+    def recording(x_t, t, y):
+        seen.append(y.clone())
+        return model(x_t, t, y)
+
+    labels = torch.arange(10).repeat(100)  # (1000,)
+    x_0 = torch.zeros(1000, 1, 28, 28)
+    main.diffusion_loss(recording, x_0, Schedule.from_config(cfg["diffusion"]), cfg, torch.Generator().manual_seed(0),
+                        False, labels)
+    (y,) = seen
+    assert (y == 10).double().mean().item() == pytest.approx(0.25, abs=0.04)
+    assert torch.equal(y[y != 10], labels[y != 10])
+
+
+def test_an_unconditional_model_has_no_label_embedding_and_refuses_labels():
+    cfg = helper.get_config("smoke")
+    model = Model.from_config(cfg)
+    assert not any("label" in name for name in model.state_dict())
+    x, t = inputs(2)
+    with pytest.raises(AssertionError):
+        model(x, t, torch.zeros(2, dtype=torch.long))
+
+
+def test_unconditional_outputs_and_samples_are_those_of_the_code_before_conditioning():
+    """Golden numbers from the unconditional code as it was before labels existed: the same
+    seeded smoke network gives the same output and the same samples for every sampler."""
+    cfg = helper.get_config("smoke")
+    torch.manual_seed(0)
+    model = Model.from_config(cfg).eval()
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 5, 19])).double()
+    assert out.sum().item() == pytest.approx(-276.22571852919646, rel=1e-5)
+    assert out.abs().sum().item() == pytest.approx(644.9704264833126, rel=1e-5)
+    golden = {"ddpm": 4151.032948578242, "ddim": 3304.1529149684648, "dpm++": 3303.325113966479}
+    for sampler, abs_sum in golden.items():
+        samples = helper.sample(model, helper.with_sampling(cfg, sampler=sampler, steps=5), 3, seed=2, device="cpu",
+                                progress=False)
+        assert samples.double().abs().sum().item() == pytest.approx(abs_sum, rel=1e-5), sampler
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_guidance_zero_is_unconditional_one_is_conditional_and_it_extrapolates_in_x0_and_eps(prediction):
+    model, _ = conditional_model()
+    x, t = inputs()
+    y, null = torch.tensor([3, 7, 1, 9]), torch.full((4,), 10)
+    sched = Schedule(helper.cosine_betas(20))
+    with torch.no_grad():
+        conditional, unconditional = model(x, t, y), model(x, t, null)
+        guided = {w: helper.Guided(model, y, w, 10)(x, t) for w in (0.0, 1.0, 3.0)}
+    torch.testing.assert_close(guided[0.0], unconditional, rtol=0, atol=0)
+    torch.testing.assert_close(guided[1.0], conditional, rtol=0, atol=0)
+    assert (conditional - unconditional).abs().max() > 1e-3  # the label matters
+
+    def implied(output):
+        return helper.predict_x0_eps(output, x, t, sched, prediction)
+
+    (x0_c, eps_c), (x0_u, eps_u), (x0_g, eps_g) = implied(conditional), implied(unconditional), implied(guided[3.0])
+    torch.testing.assert_close(x0_g, x0_u + 3 * (x0_c - x0_u), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_g, eps_u + 3 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
+
+
+def test_guided_passes_run_as_one_call_of_batch_2B_equal_to_two_calls():
+    model, _ = conditional_model()
+    x, t = inputs()
+    y, null = torch.tensor([3, 7, 1, 9]), torch.full((4,), 10)
+    batches = []
+
+    def counting(x_t, t_, labels):
+        batches.append(len(x_t))
+        return model(x_t, t_, labels)
+
+    with torch.no_grad():
+        guided = helper.Guided(counting, y, 2.0, 10)(x, t)
+        separate = model(x, t, null) + 2.0 * (model(x, t, y) - model(x, t, null))
+    assert batches == [8]
+    torch.testing.assert_close(guided, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_a_conditional_model_without_labels_samples_with_the_null_label():
+    model, cfg = conditional_model()
+    cfg = helper.with_sampling(cfg, sampler="ddim", steps=4)
+    free = helper.sample(model, cfg, 3, seed=0, device="cpu", progress=False)
+    null = helper.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.full((3,), 10), progress=False)
+    asked = helper.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.tensor([1, 2, 3]), progress=False)
+    assert torch.equal(free, null) and not torch.equal(free, asked)
+
+
+def test_slerp_keeps_the_endpoints_and_the_norm_of_gaussian_noise():
+    generator = torch.Generator().manual_seed(0)
+    z_0, z_1 = torch.randn(5, 1, 28, 28, generator=generator), torch.randn(5, 1, 28, 28, generator=generator)
+    torch.testing.assert_close(edit.slerp(z_0, z_1, 0.0), z_0)
+    torch.testing.assert_close(edit.slerp(z_0, z_1, 1.0), z_1)
+    for a in (0.25, 0.5, 0.75):
+        norms = edit.slerp(z_0, z_1, a).flatten(1).norm(dim=1)
+        assert norms.div(28).sub(1).abs().max() < 0.08  # |z| ~ sqrt(784) = 28, as for z_0 and z_1
+    assert ((z_0 + z_1) / 2).flatten(1).norm(dim=1).div(28).max() < 0.8  # a straight line would shrink it
+
+
+@pytest.mark.parametrize("mask", edit.MASKS)
+def test_region_masks_hide_a_part_and_keep_the_rest(mask):
+    known = edit.region_mask(mask, 28)
+    hidden = (known == 0).double().mean().item()
+    assert hidden == pytest.approx(0.25 if mask == "centre" else 0.5)
+
+
+@pytest.mark.parametrize("resample", [1, 3])
+def test_repaint_keeps_the_known_pixels_of_the_original(digits, resample):
+    model, cfg = conditional_model()
+    sched = Schedule(helper.cosine_betas(20)).respace(helper.spaced_timesteps(20, 6, "trailing"))
+    original = digits[:3]
+    known = edit.region_mask("left", 28)
+    network = helper.Guided(model, torch.tensor([4, 4, 4]), 2.0, 10)
+    generator = torch.Generator().manual_seed(0)
+    filled = edit.repaint(network, torch.randn(original.shape, generator=generator), sched, original, known, "eps",
+                          "beta", True, generator, resample, progress=False)
+    before, after = helper.to_digits(original), helper.to_digits(filled)
+    keep = known[0, 0].bool().numpy()
+    assert np.abs(before[:, keep].astype(int) - after[:, keep].astype(int)).max() <= 1
+    assert np.abs(before[:, ~keep].astype(int) - after[:, ~keep].astype(int)).max() > 50  # the rest is generated
+
+
+def test_conditional_resume_continues_the_same_run_exactly(mnist_root, tmp_path):
+    def config(steps):
+        return helper.merge_config(smoke_config(mnist_root, steps=steps), {"model": {"num_classes": 10}})
+
+    main.train(config(8), str(tmp_path / "straight"), progress=False)
+    main.train(config(4), str(tmp_path / "halves"), progress=False)
+    state = helper.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"))
+    main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "halves"))
+    assert a["losses"] == b["losses"] and "label_emb.weight" in a["model"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("conditional")
+    code, _, stderr = run_script("main.py", "--preset", "smoke", "--conditional", "--data-root", mnist_root,
+                                 "--out", str(out))
+    assert code == 0, stderr
+    return out
+
+
+def test_loadmodel_digit_all_writes_ten_rows_and_labels(conditional_run, tmp_path):
+    loadmodel.main([str(conditional_run / "ckpt.pt"), "--digit", "all", "--num-samples", "20", "--batch-size", "8",
+                    "--guidance", "2", "--out", str(tmp_path)])
+    archive = np.load(tmp_path / "samples.npz")
+    assert archive["arr_0"].shape == (20, 28, 28, 1)
+    assert archive["labels"].dtype == np.int64 and archive["labels"].tolist() == sorted(list(range(10)) * 2)
+    assert (tmp_path / "trajectory.png").stat().st_size > 0 and (tmp_path / "samples_grid.png").stat().st_size > 0
+
+
+def test_edit_inpaint_and_interpolate_write_their_figures(conditional_run, mnist_root, tmp_path):
+    edit.main(["inpaint", str(conditional_run / "ckpt.pt"), "--index", "5", "--count", "2", "--num-samples", "3",
+               "--mask", "centre", "--digit", "3", "--resample", "2", "--data-root", mnist_root, "--out", str(tmp_path)])
+    archive = np.load(tmp_path / "inpainted.npz")
+    assert archive["arr_0"].shape == (6, 28, 28, 1) and archive["labels"].tolist() == [3] * 6
+    edit.main(["interpolate", str(conditional_run / "ckpt.pt"), "--frames", "4", "--pairs", "2", "--steps", "5",
+               "--out", str(tmp_path)])
+    for name in ("inpaint.png", "interpolation.png", "labels.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_inpainting_an_unconditional_model_labels_the_originals(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    main.train(smoke_config(mnist_root), str(out), progress=False)
+    edit.main(["inpaint", str(out / "ckpt.pt"), "--index", "0", "--count", "3", "--num-samples", "1",
+               "--data-root", mnist_root, "--out", str(tmp_path)])
+    _, test_labels = helper.load_mnist(mnist_root, train=False)
+    assert np.load(tmp_path / "inpainted.npz")["labels"].tolist() == test_labels[:3].tolist()
+
+
+def test_evaluate_scores_requested_digit_accuracy_of_a_labelled_npz(classifier_file, mnist_root, tmp_path):
+    images, labels = evaluate.mnist_digits(mnist_root, train=False)
+    pick = np.random.default_rng(0).permutation(len(images))[:500]
+    wrong = (labels[pick].numpy() + 1) % 10
+    for name, asked in (("right", labels[pick].numpy()), ("wrong", wrong)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images[pick], labels=asked.astype(np.int64))
+        evaluate.main([str(tmp_path / f"{name}.npz"), "--data-root", mnist_root, "--classifier",
+                       str(classifier_file[0]), "--json", str(tmp_path / f"{name}.json")])
+    right, wrong = (__import__("json").load(open(tmp_path / f"{n}.json"))["rows"][1] for n in ("right", "wrong"))
+    assert right["accuracy"] > 0.9 and wrong["accuracy"] < 0.1
+
+
+def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run, classifier_file, mnist_root,
+                                                                 tmp_path):
+    evaluate.main([str(conditional_run / "ckpt.pt"), "--num-samples", "20", "--guidance", "0,2", "--steps", "3",
+                   "--no-compile", "--data-root", mnist_root, "--classifier", str(classifier_file[0]),
+                   "--out", str(tmp_path), "--json", str(tmp_path / "eval.json")])
+    rows = __import__("json").load(open(tmp_path / "eval.json"))["rows"]
+    assert [row.get("guidance") for row in rows] == [None, 0.0, 2.0]
+    assert all(0 <= row["accuracy"] <= 1 for row in rows[1:])
+    assert (tmp_path / "guidance.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def unconditional_run(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("unconditional")
+    main.train(smoke_config(mnist_root), str(out), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["loadmodel.py", "COND", "--digit", "12"], "must be a digit 0-9"),
+    (["loadmodel.py", "UNCOND", "--digit", "3"], "--digit needs a conditional checkpoint"),
+    (["loadmodel.py", "UNCOND", "--guidance", "2"], "--guidance needs a conditional checkpoint"),
+    (["loadmodel.py", "COND", "--digit", "3", "--guidance", "-1"], "sampling.guidance must not be negative"),
+    (["loadmodel.py", "COND", "--digit", "all", "--num-samples", "15"], "must be a multiple of 10"),
+    (["edit.py", "inpaint", "COND", "--mask", "middle"], "invalid choice"),
+    (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 test digits"),
+    (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 test digits"),
+    (["evaluate.py", "COND", "--guidance", "1,-2"], "guidance must not be negative"),
+])
+def test_bad_control_input_gets_one_line_and_exit_2(args, fragment, conditional_run, unconditional_run, mnist_root):
+    paths = {"COND": str(conditional_run / "ckpt.pt"), "UNCOND": str(unconditional_run / "ckpt.pt")}
+    args = [paths.get(arg, arg) for arg in args]
+    if args[0] == "edit.py":
+        args += ["--data-root", mnist_root]
+    code, _, stderr = run_script(*args)
+    assert_one_line_error(code, stderr, fragment)

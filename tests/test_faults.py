@@ -1,0 +1,238 @@
+"""Faults a run must survive on the smoke preset: kill -9 at any moment (also between writing
+a checkpoint and renaming it), SIGTERM, a second command into the same folder, a failing disk,
+sampling far more digits than one batch, and damaged inputs of every kind."""
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import helper
+import loadmodel
+import main
+from conftest import REPO
+from helper import UserError
+from test_scripts import assert_one_line_error, run_script, smoke_config
+
+STEPS = 60  # smoke steps of the interrupted runs; checkpoints every 4
+
+
+def train_args(mnist_root, out, steps=STEPS, *extra):
+    return ["main.py", "--preset", "smoke", "--data-root", mnist_root, "--out", str(out), "--steps", str(steps), *extra]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def run_with_patch(patch, args, timeout=120):
+    """Run a script in a subprocess after executing `patch` (Python source) in it."""
+    source = f"import sys; sys.argv = {args!r}\n{patch}\nimport helper, {args[0][:-3]} as script\nhelper.run(script.main)"
+    proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def checkpoint_step(path, timeout=90):
+    """Wait until `path` exists; its step (loading it must always work)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"no checkpoint appeared at {path}"
+        time.sleep(0.05)
+    return helper.load_checkpoint(str(path))["step"]
+
+
+def assert_same_run(a_path, b_path):
+    a, b = (torch.load(path, weights_only=True) for path in (a_path, b_path))
+    assert a["step"] == b["step"] and a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_root):
+    """The uninterrupted run the interrupted ones must end up equal to."""
+    out = tmp_path_factory.mktemp("reference")
+    main.train(smoke_config(mnist_root, steps=STEPS), str(out), progress=False)
+    return out / "ckpt.pt"
+
+
+def test_kill_9_at_random_moments_then_resume_ends_as_the_uninterrupted_run(mnist_root, tmp_path, reference):
+    out, ckpt = tmp_path / "run", tmp_path / "run" / "ckpt.pt"
+    rng = random.Random(0)
+    proc = start(train_args(mnist_root, out))
+    time.sleep(rng.uniform(0.5, 2.0))  # during start-up, before any checkpoint
+    proc.kill()
+    proc.wait()
+    kills = 0
+    while kills < 3:
+        args = train_args(mnist_root, out, STEPS, *(["--resume", str(ckpt)] if ckpt.exists() else []))
+        if ckpt.exists():
+            args.remove("--preset"), args.remove("smoke")  # --resume takes them from the checkpoint
+        proc = start(args)
+        seen = checkpoint_step(ckpt) if ckpt.exists() else -1
+        while checkpoint_step(ckpt) <= seen and proc.poll() is None:  # wait until it has made progress
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        assert (out / ".lock").exists()  # left behind by the killed run: stale from now on
+        step = checkpoint_step(ckpt)  # loadable after every kill
+        assert 0 < step < STEPS, "the run finished before it could be killed"
+        kills += 1
+    code, _, stderr = run_script(*train_args(mnist_root, out))  # the same command resumes it
+    assert code == 0, stderr
+    assert_same_run(ckpt, reference)
+    assert not (out / ".lock").exists()
+
+
+def test_kill_between_writing_and_renaming_a_checkpoint_keeps_the_previous_one(mnist_root, tmp_path, reference):
+    patch = ("import os, signal\nreal, calls = os.replace, []\n"
+             "def dying_replace(src, dst):\n"
+             "    calls.append(src)\n"
+             "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    real(src, dst)\n"
+             "os.replace = dying_replace")
+    code, _, _ = run_with_patch(patch, train_args(mnist_root, tmp_path))
+    assert code == -signal.SIGKILL
+    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the third write (step 12) died
+    assert len(glob.glob(str(tmp_path / "ckpt.pt.*.tmp"))) == 1  # the half-done write, never renamed
+    code, _, stderr = run_script(*train_args(mnist_root, tmp_path))
+    assert code == 0, stderr
+    assert_same_run(tmp_path / "ckpt.pt", reference)
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_the_lock_refuses_a_second_run(mnist_root, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    proc = start(train_args(mnist_root, tmp_path, 100000))
+    checkpoint_step(ckpt)
+    code, _, stderr = run_script(*train_args(mnist_root, tmp_path, 100000))  # the same run, while it runs
+    assert_one_line_error(code, stderr, f"another run (pid {proc.pid}) is writing")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted (SIGTERM) at step" in stderr and "Traceback" not in stderr
+    step = checkpoint_step(ckpt)
+    code, _, stderr = run_script("main.py", "--resume", str(ckpt), "--steps", str(step + 2))
+    assert code == 0, stderr
+    assert helper.load_checkpoint(str(ckpt))["step"] == step + 2
+
+
+def test_another_run_into_a_used_folder_is_refused_and_a_finished_one_is_never_redone(mnist_root, tmp_path):
+    code, _, stderr = run_script(*train_args(mnist_root, tmp_path, 8))
+    assert code == 0, stderr
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    code, _, stderr = run_script(*train_args(mnist_root, tmp_path, 8, "--seed", "1"))
+    assert_one_line_error(code, stderr, "holds another run", "--resume", "--out", "--overwrite")
+    code, stdout, stderr = run_script(*train_args(mnist_root, tmp_path, 8))
+    assert code == 0 and "is complete at step 8 of 8" in stdout, stderr
+    code, _, stderr = run_script("main.py", "--resume", str(tmp_path / "ckpt.pt"), "--steps", "4")
+    assert code == 0, stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == before  # neither replaced nor shortened
+    code, _, stderr = run_script(*train_args(mnist_root, tmp_path, 4, "--overwrite"))
+    assert code == 0, stderr
+    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4  # only on request
+
+
+def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_line(mnist_root, tmp_path):
+    patch = ("import errno, os, torch\nreal, calls = torch.save, []\n"
+             "def full_disk(obj, f):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+             "    real(obj, f)\n"
+             "torch.save = full_disk")
+    code, _, stderr = run_with_patch(patch, train_args(mnist_root, tmp_path, 12))
+    assert code == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and f"could not write {tmp_path / 'ckpt.pt'}: No space left on device" in lines[-1]
+    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+    assert not glob.glob(str(tmp_path / "*.tmp")) and not (tmp_path / ".lock").exists()
+
+
+def peak_rss_mb(checkpoint, out, num_samples):
+    source = ("import resource, loadmodel\n"
+              f"loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', '--batch-size', '50', "
+              f"'--out', {str(out)!r}])\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def test_loadmodel_memory_does_not_grow_with_the_number_of_samples(mnist_root, tmp_path):
+    main.train(smoke_config(mnist_root), str(tmp_path), progress=False)
+    small, large = (peak_rss_mb(tmp_path / "ckpt.pt", tmp_path / str(n), n) for n in (50, 1500))
+    # all 1500 trajectories (21 steps, float32) alone would be 99 MB; the digits as uint8 are 1.2 MB
+    assert large - small < 30, (small, large)
+    assert len(np.load(tmp_path / "1500" / "samples.npz")["arr_0"]) == 1500
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory, mnist_root):
+    out = tmp_path_factory.mktemp("fuzz")
+    main.train(smoke_config(mnist_root), str(out), progress=False)
+    return (out / "ckpt.pt").read_bytes()
+
+
+def damaged_configs():
+    """(section, key, value) changes that no config may carry."""
+    return [("model", "ch", "16"), ("model", "ch", -4), ("model", "ch", 17), ("model", "ch_mult", "12"),
+            ("model", "ch_mult", ["a"]), ("model", "ch_mult", [1.5]), ("model", "ch_mult", []),
+            ("model", "attn_resolutions", 14), ("model", "attn_resolutions", [None]), ("model", "dropout", 2.0),
+            ("model", "num_classes", 10), ("model", "ch", 32), ("model", "heads", 4), ("diffusion", "T", 0),
+            ("diffusion", "prediction", "score"), ("diffusion", "schedule", None), ("sampling", "steps", 10 ** 6),
+            ("training", "bf16", True), ("data", "image_size", 30), ("sampling", "guidance", -1.0)]
+
+
+def test_fuzzed_checkpoints_are_refused_as_user_errors(checkpoint_bytes, tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {f"random{i}": rng.integers(0, 256, n, dtype=np.uint8).tobytes() for i, n in enumerate([0, 10, 5000])}
+    for length in (1, 100, 1000, len(checkpoint_bytes) // 2, len(checkpoint_bytes) - 1):
+        cases[f"truncated{length}"] = checkpoint_bytes[:length]
+    for name, data in cases.items():
+        (tmp_path / f"{name}.pt").write_bytes(data)
+    state = torch.load(__import__("io").BytesIO(checkpoint_bytes), weights_only=True)
+    for i, (section, key, value) in enumerate(damaged_configs()):
+        damaged = {**state, "config": {**state["config"], section: {**state["config"][section], key: value}}}
+        torch.save(damaged, tmp_path / f"config{i}.pt")
+    for i, (key, value) in enumerate([("ema", torch.zeros(3)), ("ema", {"conv_in.weight": torch.zeros(1)}),
+                                      ("config", 5), ("step", "8"), ("config", {"model": 5})]):
+        torch.save({**state, key: value}, tmp_path / f"state{i}.pt")
+    for path in sorted(tmp_path.glob("*.pt")):
+        with pytest.raises(UserError):
+            loadmodel.load_ema_model(str(path), "cpu")
+    for path in sorted(tmp_path.glob("[rt]*.pt")):  # unreadable files, for the resume path too
+        with pytest.raises(UserError):
+            main.resolve(main.parse_args(["--resume", str(path)]))
+
+
+@pytest.mark.parametrize("arrays, fragment", [
+    ({"arr_0": np.random.default_rng(0).random((8, 28, 28, 1))}, "must be uint8"),
+    ({"arr_0": np.full((8, 28, 28, 1), 1000, np.int16)}, "must be uint8"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.full(8, 10)}, "labels must be int64 digits 0-9"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(8)}, "labels must be int64 digits 0-9"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(7, np.int64)}, "labels must be int64"),
+])
+def test_npz_with_wrong_range_or_labels_is_refused(tmp_path, arrays, fragment):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(UserError, match=fragment):
+        evaluate.read_npz(str(tmp_path / "bad.npz"))
+
+
+def test_damaged_inputs_give_one_line_on_the_command_line(checkpoint_bytes, tmp_path):
+    (tmp_path / "truncated.pt").write_bytes(checkpoint_bytes[:len(checkpoint_bytes) // 3])
+    (tmp_path / "random.npz").write_bytes(os.urandom(3000))
+    for args, fragment in [(["loadmodel.py", str(tmp_path / "truncated.pt")], "not a readable checkpoint"),
+                           (["evaluate.py", str(tmp_path / "random.npz")], "not a readable .npz"),
+                           (["main.py", "--resume", str(tmp_path / "truncated.pt")], "not a readable checkpoint")]:
+        code, _, stderr = run_script(*args, timeout=60)
+        assert_one_line_error(code, stderr, fragment)
