@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 import helper
 from helper import UserError
-from loadmodel import digit_choice, load_ema_model, requested_labels, with_sampling_flags
+from loadmodel import (default_checkpoint, digit_choice, load_ema_model, output_folder, requested_labels,
+                       with_sampling_flags)
 
 MASKS = ["top", "bottom", "left", "right", "centre"]
 
@@ -166,8 +167,8 @@ def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     common = helper.ArgumentParser(add_help=False)
-    common.add_argument("checkpoint", nargs="?", default=os.path.join("out", "ckpt.pt"),
-                        help="checkpoint written by main.py (default: out/ckpt.pt)")
+    common.add_argument("checkpoint", nargs="?",
+                        help="checkpoint written by main.py (default: out/ckpt.pt, else the shipped weights)")
     common.add_argument("--digit", type=digit_choice, help="conditional checkpoints: the digit to ask for")
     common.add_argument("--guidance", type=float, help="classifier-free guidance w (default: the checkpoint's)")
     common.add_argument("--steps", type=helper.positive_int, help="network evaluations (default: the checkpoint's)")
@@ -197,12 +198,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = helper.resolve_device(args.device)
-    model, cfg = load_ema_model(args.checkpoint, device)
+    checkpoint = default_checkpoint(args.checkpoint)
+    model, cfg = load_ema_model(checkpoint, device)
     if args.digit == "all":
         raise UserError("--digit all is for loadmodel.py; edit.py asks for one digit")
     sampler = "ddpm" if args.command == "inpaint" else args.sampler
     cfg = with_sampling_flags(cfg, args.guidance, sampler=sampler, steps=args.steps, compile=args.compile or None)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    out = output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     (inpaint if args.command == "inpaint" else interpolate)(args, model, cfg, device, out)
 

@@ -648,24 +648,28 @@ def save_checkpoint(state, path):
                        f"unchanged") from None
 
 
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config", "rng", "losses", "lrs"}
+CHECKPOINT_KINDS = {"model": dict, "ema": dict, "optimizer": dict, "step": int, "config": dict, "rng": dict,
+                    "losses": list, "lrs": list}
+SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a released weights file holds
 
 
-def load_checkpoint(path):
-    """Read a checkpoint written by main.py, tensors and plain types only (weights_only)."""
+def load_checkpoint(path, training=False):
+    """Read a checkpoint written by main.py, tensors and plain types only (weights_only); for
+    sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
         raise UserError(f"'{path}' is not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
-        raise UserError(f"'{path}' is not a checkpoint written by main.py")
-    kinds = {"model": dict, "ema": dict, "optimizer": dict, "config": dict, "rng": dict, "step": int,
-             "losses": list, "lrs": list}
-    for key, kind in kinds.items():
-        if not isinstance(state[key], kind):
-            raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, not a {kind.__name__}")
+    needed = set(CHECKPOINT_KINDS) if training else SAMPLING_KEYS
+    if not isinstance(state, dict) or not needed <= state.keys():
+        what = "a training checkpoint (weights-only files cannot be resumed)" if training else "a checkpoint"
+        raise UserError(f"'{path}' is not {what} written by main.py")
+    for key in needed:
+        if not isinstance(state[key], CHECKPOINT_KINDS[key]):
+            raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, "
+                            f"not a {CHECKPOINT_KINDS[key].__name__}")
     cfg = merge_config(config, state["config"], where="checkpoint config")
     validate_config(cfg)
     return state

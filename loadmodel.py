@@ -1,5 +1,6 @@
 """Load a checkpoint, sample digits with its EMA weights (report §5, §8) and write the
-per-step denoising trajectories, a sample grid and the samples as .npz. A conditional
+per-step denoising trajectories (a figure and an animated GIF), a sample grid and the samples
+as .npz. A conditional
 checkpoint (main.py --conditional) draws requested digits with classifier-free guidance.
 
     python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N]
@@ -17,6 +18,26 @@ from helper import UserError
 from model import Model
 
 GRID_MAX = 256  # samples shown in samples_grid.png; every sample is in samples.npz
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist-cpu.pt")
+
+
+def default_checkpoint(path):
+    """The checkpoint to sample: the one given, else out/ckpt.pt of a local run, else the
+    weights shipped with the repo (said in one line)."""
+    if path is not None:
+        return path
+    local = os.path.join("out", "ckpt.pt")
+    if os.path.exists(local) or not os.path.exists(PRETRAINED):
+        return local
+    print(f"no out/ckpt.pt yet: sampling the shipped weights {os.path.relpath(PRETRAINED)} (python main.py trains your own)")
+    return PRETRAINED
+
+
+def output_folder(out, checkpoint):
+    """--out, else the checkpoint's folder (out/ for the shipped weights, which stay as they are)."""
+    if out:
+        return out
+    return "out" if os.path.abspath(checkpoint) == PRETRAINED else os.path.dirname(os.path.abspath(checkpoint))
 
 
 def digit_choice(text):
@@ -29,8 +50,8 @@ def digit_choice(text):
 
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", nargs="?", default=os.path.join("out", "ckpt.pt"),
-                        help="checkpoint written by main.py (default: out/ckpt.pt)")
+    parser.add_argument("checkpoint", nargs="?",
+                        help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {PRETRAINED})")
     parser.add_argument("--digit", type=digit_choice,
                         help="conditional checkpoints: the digit to draw, or 'all' for N/10 of each, one row "
                              "per digit (default: unconditional samples)")
@@ -110,6 +131,23 @@ def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
     plt.close(fig)
 
 
+def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
+    """The trajectories as an animated GIF: each frame a grid of the samples at one sampler step,
+    from x_T to x_0 (at most `frames` steps, evenly spaced), the last held for two seconds.
+    trajectory: (N, S+1, C, H, W) in model range."""
+    import torchvision
+    from PIL import Image
+    S = trajectory.shape[1]
+    steps = np.unique(np.linspace(0, S - 1, min(S, frames)).round().astype(int))
+    images = []
+    for step in steps:
+        grid = torchvision.utils.make_grid((trajectory[:, step].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
+        pixels = (grid[0] * 255).round().to(torch.uint8).numpy()  # (H', W'), greyscale
+        images.append(Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST))
+    durations = [80] * (len(images) - 1) + [2000]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
 def save_digit_grid(digits, path, nrow):
     """uint8 digits (N, 28, 28, C) as one PNG grid of nrow per row."""
     helper.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
@@ -118,11 +156,12 @@ def save_digit_grid(digits, path, nrow):
 def main(argv=None):
     args = parse_args(argv)
     device = helper.resolve_device(args.device)
-    model, cfg = load_ema_model(args.checkpoint, device)
+    checkpoint = default_checkpoint(args.checkpoint)
+    model, cfg = load_ema_model(checkpoint, device)
     cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, compile=args.compile)
     n = args.num_samples or (100 if args.digit == "all" else 16)
     labels = requested_labels(args.digit, n, cfg)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    out = output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
     wanted = "" if labels is None else f" of digit {args.digit}, guidance w = {s['guidance']},"
@@ -135,6 +174,7 @@ def main(argv=None):
 
     row_labels = None if labels is None else [f"digit {labels[i]}" for i in shown]
     save_trajectory_figure(trajectory, os.path.join(out, "trajectory.png"), row_labels)
+    save_trajectory_gif(trajectory, os.path.join(out, "trajectory.gif"), nrow=len(shown) if per_row else 4)
     if per_row:  # one row per digit: the first of each, at most GRID_MAX in all
         width = min(per_row, GRID_MAX // 10)
         grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(10)])
@@ -145,7 +185,7 @@ def main(argv=None):
     arrays = {"arr_0": digits} if labels is None else {"arr_0": digits, "labels": labels.numpy()}
     np.savez(os.path.join(out, "samples.npz"), **arrays)
     capped = f" (the grid shows {len(grid)} of them)" if len(grid) < n else ""
-    print(f"wrote trajectory.png, samples_grid.png and samples.npz {digits.shape}{capped} to {out}")
+    print(f"wrote trajectory.png, trajectory.gif, samples_grid.png and samples.npz {digits.shape}{capped} to {out}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def resolve(args):
         if args.preset or args.seed is not None or args.conditional or args.overwrite:
             raise UserError("--resume takes its preset, seed and conditioning from the checkpoint; "
                             "drop --preset/--seed/--conditional/--overwrite")
-        state = helper.load_checkpoint(args.resume)
+        state = helper.load_checkpoint(args.resume, training=True)
         cfg = helper.merge_config(helper.config, state["config"])
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
@@ -97,7 +97,7 @@ def guard_run_folder(cfg, state, out, overwrite):
     redo a finished one. Returns the state to continue, or None to start from scratch."""
     ckpt_path = os.path.join(out, "ckpt.pt")
     if state is None and os.path.exists(ckpt_path) and not overwrite:
-        existing = helper.load_checkpoint(ckpt_path)
+        existing = helper.load_checkpoint(ckpt_path, training=True)
         if not same_run(existing["config"], cfg):
             raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
                             f"pick a new --out DIR, or pass --overwrite to start over")
@@ -248,6 +248,17 @@ def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16,
     return loss.item()
 
 
+def save_preview(ema, cfg, device, path, num_samples=20):
+    """A small grid from the EMA weights at a checkpoint (fixed seed, 10 DDIM steps, a few seconds),
+    to watch a run learn; a conditional model is asked for each digit in turn. Draws no training
+    randomness, so resume stays exact."""
+    cfg = helper.with_sampling(cfg, sampler="ddim", steps=min(10, cfg["diffusion"]["T"]), eta=0.0, compile=False)
+    num_classes = cfg["model"]["num_classes"]
+    labels = torch.arange(num_samples) % num_classes if num_classes else None
+    samples = helper.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
+    helper.save_grid(samples, path, nrow=10)
+
+
 def save_loss_curve(losses, lrs, path):
     """Per-step loss (raw and smoothed) and learning rate, as one PNG."""
     import matplotlib
@@ -332,6 +343,7 @@ def train(cfg, out, state=None, progress=True):
         helper.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step, "config": cfg,
                                 "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
+        save_preview(ema, cfg, device, os.path.join(out, f"samples_step{step}.png"))
 
     print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps}, {steps_per_epoch} per epoch"
@@ -392,15 +404,17 @@ def main(argv=None):
 
 
 def finish(ema, losses, lrs, cfg, out, start):
-    """The end of a run: the loss curve and a grid of samples from the EMA weights."""
+    """The end of a run: the EMA weights alone (what sampling needs, a third of ckpt.pt), the
+    loss curve and a grid of samples."""
     print(f"trained in {(time.perf_counter() - start) / 60:.1f} min; checkpoint {os.path.join(out, 'ckpt.pt')}")
+    helper.save_checkpoint({"config": cfg, "step": len(losses), "ema": ema.state_dict()}, os.path.join(out, "ema.pt"))
     save_loss_curve(losses, lrs, os.path.join(out, "loss.png"))
     num_samples, num_classes = cfg["sampling"]["num_samples"], cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None  # a conditional grid: digit per column
     samples = helper.sample(ema, cfg, num_samples, seed=0, device=helper.resolve_device(cfg["training"]["device"]),
                             labels=labels)
     helper.save_grid(samples, os.path.join(out, "samples.png"), nrow=num_classes or int(math.sqrt(num_samples)))
-    print(f"wrote {os.path.join(out, 'samples.png')} and {os.path.join(out, 'loss.png')}")
+    print(f"wrote {', '.join(os.path.join(out, name) for name in ('ema.pt', 'samples.png', 'loss.png'))}")
 
 
 if __name__ == "__main__":

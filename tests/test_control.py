@@ -170,7 +170,7 @@ def test_conditional_resume_continues_the_same_run_exactly(mnist_root, tmp_path)
 
     main.train(config(8), str(tmp_path / "straight"), progress=False)
     main.train(config(4), str(tmp_path / "halves"), progress=False)
-    state = helper.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"))
+    state = helper.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
     main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "halves"))
     assert a["losses"] == b["losses"] and "label_emb.weight" in a["model"]
