@@ -7,7 +7,6 @@ for a digit, and also renders the same noises with each of the ten labels.
     python edit.py interpolate [CHECKPOINT] [--seeds A B] [--frames F] [--pairs P] [--digit D]
                                [--sampler ddim|dpm++] [--steps N]
 """
-import math
 import os
 
 import numpy as np

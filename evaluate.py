@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import helper
 from helper import UserError
-from loadmodel import load_ema_model, with_sampling_flags
+from loadmodel import load_ema_model, output_folder, with_sampling_flags
 
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
          ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
@@ -326,7 +326,7 @@ def main(argv=None):
 
     table = markdown_table(rows)
     print(table)
-    out = args.out or os.path.dirname(os.path.abspath(args.input))
+    out = output_folder(args.out, args.input)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"`{command}` with N = {n}, classifier test accuracy {accuracy:.2%}\n\n{table}\n")

@@ -19,7 +19,7 @@ import loadmodel
 import main
 from conftest import REPO
 from helper import UserError
-from test_scripts import assert_one_line_error, run_script, smoke_config
+from test_scripts import assert_one_line_error, assert_same_run, run_script, smoke_config
 
 STEPS = 40  # smoke steps of the interrupted runs; checkpoints every 4
 
@@ -47,14 +47,6 @@ def checkpoint_step(path, timeout=90):
         assert time.time() < deadline, f"no checkpoint appeared at {path}"
         time.sleep(0.05)
     return helper.load_checkpoint(str(path))["step"]
-
-
-def assert_same_run(a_path, b_path):
-    a, b = (torch.load(path, weights_only=True) for path in (a_path, b_path))
-    assert a["step"] == b["step"] and a["losses"] == b["losses"]
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
 
 
 @pytest.fixture(scope="module")

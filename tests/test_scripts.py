@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import forwardprocess
 import helper
 import loadmodel
 import main
@@ -59,6 +58,90 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
     assert np.array_equal(a, b)
     code, _, stderr = run_script("main.py", "--resume", str(trained / "ema.pt"))
     assert_one_line_error(code, stderr, "weights-only files cannot be resumed")
+
+
+def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path):
+    state = torch.load(loadmodel.PRETRAINED, map_location="cpu", weights_only=True)
+    assert state.keys() == helper.SAMPLING_KEYS
+    code, stdout, stderr = run_script(os.path.join(REPO, "loadmodel.py"), "--num-samples", "4", "--out", str(tmp_path),
+                                      cwd=tmp_path)  # no out/ckpt.pt there
+    assert code == 0, stderr
+    assert "sampling the shipped weights" in stdout
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 28, 28, 1)
+    assert (tmp_path / "trajectory.gif").stat().st_size > 0
+
+
+def test_training_lowers_the_loss_on_real_digits(mnist_root, digits, tmp_path):
+    cfg = smoke_config(mnist_root, steps=60, checkpoint_every=60)
+    sched = Schedule.from_config(cfg["diffusion"])
+
+    def fixed_batch_loss(model):  # the same x_0, t and eps before and after training
+        with torch.no_grad():
+            return main.diffusion_loss(model, digits[:256], sched, cfg, torch.Generator().manual_seed(0), False).item()
+
+    torch.manual_seed(cfg["training"]["seed"])
+    before = fixed_batch_loss(Model.from_config(cfg))  # the initial weights train() starts from
+    ema, losses, _ = main.train(cfg, str(tmp_path), progress=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = Model.from_config(cfg)
+    model.load_state_dict(state["model"])
+    assert fixed_batch_loss(model) < 0.8 * before
+
+
+def assert_same_run(a_path, b_path):
+    """Two checkpoints of one run: the same step, losses and weights, bit for bit."""
+    a, b = (torch.load(path, weights_only=True) for path in (a_path, b_path))
+    assert a["step"] == b["step"] and a["losses"] == b["losses"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+@pytest.mark.parametrize("num_classes", [0, 10])  # unconditional, and conditional with null-label draws
+def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes):
+    def config(steps):
+        return helper.merge_config(smoke_config(mnist_root, steps=steps), {"model": {"num_classes": num_classes}})
+
+    main.train(config(8), str(tmp_path / "straight"), progress=False)
+    main.train(config(4), str(tmp_path / "halves"), progress=False)
+    state = helper.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
+    main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
+    assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
+    assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
+    real_loss, calls = main.diffusion_loss, []
+
+    def loss_that_explodes(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(main, "diffusion_loss", loss_that_explodes)
+    with pytest.raises(helper.RunError, match="loss is nan at step 5"):  # one line, exit code 1
+        main.train(smoke_config(mnist_root, steps=8, checkpoint_every=4), str(tmp_path), progress=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 4 and all(np.isfinite(state["losses"]))
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(mnist_root, tmp_path):
+    args = [sys.executable, "main.py", "--preset", "smoke", "--data-root", mnist_root, "--out", str(tmp_path),
+            "--steps", "100000"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "ckpt.pt"
+    deadline = time.time() + 90
+    while not ckpt.exists() and time.time() < deadline:  # wait until training is under way
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted (SIGINT) at step" in stderr and "Traceback" not in stderr
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < step < 100000
+    code, _, stderr = run_script("main.py", "--resume", str(ckpt), "--steps", str(step + 2))
+    assert code == 0, stderr
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
 
 
 def test_loadmodel_writes_figures_and_npz(trained, tmp_path):
