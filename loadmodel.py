@@ -164,7 +164,8 @@ def main(argv=None):
     out = output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
-    wanted = "" if labels is None else f" of digit {args.digit}, guidance w = {s['guidance']},"
+    which = "each digit in turn" if args.digit == "all" else f"digit {args.digit}"
+    wanted = "" if labels is None else f" of {which}, guidance w = {s['guidance']},"
     print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps), "
           f"seed {args.seed}, {args.batch_size} at a time")
 
