@@ -70,7 +70,8 @@ config = {
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
         "eta": 0.0,                # ddim noise: 0 deterministic, 1 DDPM-like
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
-        "guidance": 1.0,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
+        "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
+                                   # (1.5: the least w asking >= 99% the requested digit; docs/control.md)
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
         "num_samples": 64,         # samples in the grid main.py writes at the end
     },
