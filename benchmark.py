@@ -4,9 +4,10 @@ speed option, its FLOPs, and the machine's own matmul ceiling measured in the sa
     python benchmark.py [--preset P] [--device D] [--json PATH] [--profile]
 
 Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
-steps first, then the median of 10 timed repeats. The compile variant compiles the training
+steps first, then the median of 10 timed repeats. The compile variants compile the training
 network as training.compile does and the sampling network as sampling.compile does (weights
-frozen). --profile also prints, per variant, where one training step spends its time
+frozen); "inductor layouts" lets inductor turn the convolutions channels_last, as it does by
+default. --profile also prints, per variant, where one training step spends its time
 (torch.profiler).
 """
 import copy
@@ -22,12 +23,14 @@ import torch
 import helper
 from helper import UserError
 
-# name -> (bf16 autocast, channels_last, torch.compile)
+# name -> (bf16 autocast, channels_last, torch.compile, inductor's own layouts)
 VARIANTS = {
-    "eager fp32": (False, False, False),
-    "bf16 autocast": (True, False, False),
-    "bf16 + channels_last": (True, True, False),
-    "bf16 + compile": (True, False, True),
+    "eager fp32": (False, False, False, False),
+    "bf16 autocast": (True, False, False, False),
+    "bf16 + channels_last": (True, True, False, False),
+    "bf16 + compile (inductor layouts)": (True, False, True, True),
+    "bf16 + compile": (True, False, True, False),
+    "bf16 + channels_last + compile": (True, True, True, False),
 }
 
 
@@ -60,15 +63,22 @@ def matmul_ceiling(device, dtype, n=4096, repeats=5):
     return 2 * n ** 3 / median_seconds(lambda: a @ b, device, 2, repeats) / 1e12
 
 
+def network_inputs(cfg, batch_size, device, t):
+    """Arguments of one network call: x (B, C, S, S), t (B,) at step t and, for a conditional
+    model, labels (B,) cycling through the digits."""
+    size, classes = cfg["data"]["image_size"], cfg["model"]["num_classes"]
+    x = torch.randn(batch_size, cfg["data"]["channels"], size, size, device=device)
+    t = torch.full((batch_size,), t, dtype=torch.long, device=device)
+    return (x, t) + ((torch.arange(batch_size, device=device) % classes,) if classes else ())
+
+
 def flops_per_image(model, cfg, device, batch_size, backward):
     """FLOPs of one image through the network (forward, or forward + backward), by
     torch.utils.flop_counter on a real batch."""
     from torch.utils.flop_counter import FlopCounterMode
-    size = cfg["data"]["image_size"]
-    x = torch.randn(batch_size, cfg["data"]["channels"], size, size, device=device)
-    t = torch.zeros(batch_size, dtype=torch.long, device=device)
+    inputs = network_inputs(cfg, batch_size, device, 0)
     with FlopCounterMode(display=False) as counter:
-        out = model(x, t)
+        out = model(*inputs)
         if backward:
             out.sum().backward()
     model.zero_grad(set_to_none=True)
@@ -108,30 +118,29 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     """Train-step and sampling throughput of one variant; runs in its own process."""
     import main
     from model import Model
-    bf16, channels_last, compile_model = VARIANTS[name]
+    bf16, channels_last, compile_model, layouts = VARIANTS[name]
     cfg = helper.merge_config(helper.get_config(preset), {"training": {
         "bf16": "on" if bf16 else "off", "channels_last": channels_last, "compile": compile_model}})
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
     torch.manual_seed(0)
     model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = main.compiled(model, cfg)
+    network = helper.compile_network(model, layouts=layouts) if compile_model else model
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = main.make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(0)
-    size = cfg["data"]["image_size"]
-    x_0 = torch.rand(tr["batch_size"], cfg["data"]["channels"], size, size, device=device) * 2 - 1
+    x_0, _, *y = network_inputs(cfg, tr["batch_size"], device, 0)
+    x_0 = x_0.clamp(-1, 1)
 
     def train_step():  # the whole step of main.py: loss, backward, clipping, AdamW, EMA
-        main.train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step=100)
+        main.train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 100, *y)
 
-    x_t = torch.randn(sample_batch, cfg["data"]["channels"], size, size, device=device)
-    t = torch.full((sample_batch,), sched.T // 2, device=device)
-    sampler_network = helper.compile_network(ema.eval(), frozen=True) if compile_model else ema.eval()
+    inputs = network_inputs(cfg, sample_batch, device, sched.T // 2)
+    sampler_network = helper.compile_network(ema.eval(), frozen=True, layouts=layouts) if compile_model else ema.eval()
 
     @torch.no_grad()
     def sample_step():  # one network evaluation of helper.sample, compiled as sampling.compile does
         with helper.autocast(device, bf16):
-            sampler_network(x_t, t)
+            sampler_network(*inputs)
 
     start = time.perf_counter()
     train_step()  # the first call compiles, if compiling

@@ -1,7 +1,7 @@
 """Load a checkpoint, sample digits with its EMA weights (report §5, §8) and write the
 per-step denoising trajectories (a figure and an animated GIF), a sample grid and the samples
-as .npz. A conditional
-checkpoint (main.py --conditional) draws requested digits with classifier-free guidance.
+as .npz. A conditional checkpoint (the cpu preset's) draws each digit in turn, or the one asked
+for, with classifier-free guidance; at guidance w = 0 it samples unconditionally.
 
     python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N]
                         [--num-samples N] [--batch-size B] [--seed S] [--compile] [--out DIR]
@@ -54,7 +54,7 @@ def parse_args(argv=None):
                         help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {PRETRAINED})")
     parser.add_argument("--digit", type=digit_choice,
                         help="conditional checkpoints: the digit to draw, or 'all' for N/10 of each, one row "
-                             "per digit (default: unconditional samples)")
+                             "per digit (default: all; --guidance 0 draws unconditional samples instead)")
     parser.add_argument("--guidance", type=float,
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
@@ -88,6 +88,8 @@ def requested_labels(digit, num_samples, cfg):
         return None
     if cfg["model"]["num_classes"] == 0:
         raise UserError("--digit needs a conditional checkpoint (python main.py --conditional); this one is not")
+    if cfg["sampling"]["guidance"] == 0:
+        raise UserError("guidance w = 0 samples unconditionally: it cannot be asked for a digit (drop --digit)")
     if digit != "all":
         return torch.full((num_samples,), digit, dtype=torch.long)
     if num_samples % 10:
@@ -159,17 +161,20 @@ def main(argv=None):
     checkpoint = default_checkpoint(args.checkpoint)
     model, cfg = load_ema_model(checkpoint, device)
     cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, compile=args.compile)
-    n = args.num_samples or (100 if args.digit == "all" else 16)
-    labels = requested_labels(args.digit, n, cfg)
+    digit = args.digit
+    if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
+        digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally
+    n = args.num_samples or (100 if digit == "all" else 16)
+    labels = requested_labels(digit, n, cfg)
     out = output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
-    which = "each digit in turn" if args.digit == "all" else f"digit {args.digit}"
+    which = "each digit in turn" if digit == "all" else f"digit {digit}"
     wanted = "" if labels is None else f" of {which}, guidance w = {s['guidance']},"
     print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps), "
           f"seed {args.seed}, {args.batch_size} at a time")
 
-    per_row = n // 10 if args.digit == "all" else None
+    per_row = n // 10 if digit == "all" else None
     shown = list(range(0, n, per_row)) if per_row else list(range(min(n, 8)))  # rows of trajectory.png
     digits, trajectory = helper.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
 

@@ -1,7 +1,8 @@
 """Train the diffusion model on MNIST (report §4 Algorithm 1, §7), with EMA weights, periodic
 atomic checkpoints and exact resume; at the end write a sample grid and the loss curve.
 
-    python main.py [--preset P] [--conditional] [--data-root DIR] [--out DIR] [--epochs N | --steps N]
+    python main.py [--preset P] [--conditional | --unconditional] [--data-root DIR] [--out DIR]
+                   [--minutes M | --epochs N | --steps N]
                    [--resume CKPT] [--overwrite] [--seed S] [--device D]
 
 A run folder is never overwritten by accident: a second `python main.py` into a folder whose
@@ -35,13 +36,19 @@ def parse_args(argv=None):
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=helper.positive_int, help="train this many epochs")
     length.add_argument("--steps", type=helper.positive_int, help="train this many optimiser steps in total")
+    length.add_argument("--minutes", type=helper.positive_float,
+                        help="train for as many steps as fit in M minutes on this machine (the cpu preset: 30)")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in --out even if it holds a checkpoint of another or a finished run")
     parser.add_argument("--seed", type=int, help="training seed (default: config training.seed)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--conditional", action="store_true",
-                        help="learn the digit too (model.num_classes = 10), for classifier-free guidance")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--conditional", action="store_true",
+                        help="learn the digit too (model.num_classes = 10), for classifier-free guidance "
+                             "(the cpu preset's default)")
+    labels.add_argument("--unconditional", action="store_true",
+                        help="learn images alone (model.num_classes = 0; the paper and smoke presets' default)")
     return parser.parse_args(argv)
 
 
@@ -49,9 +56,9 @@ def resolve(args):
     """The run's config, checkpoint to resume (or None) and output directory."""
     state = None
     if args.resume:
-        if args.preset or args.seed is not None or args.conditional or args.overwrite:
+        if args.preset or args.seed is not None or args.conditional or args.unconditional or args.overwrite:
             raise UserError("--resume takes its preset, seed and conditioning from the checkpoint; "
-                            "drop --preset/--seed/--conditional/--overwrite")
+                            "drop --preset/--seed/--conditional/--unconditional/--overwrite")
         state = helper.load_checkpoint(args.resume, training=True)
         cfg = helper.merge_config(helper.config, state["config"])
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
@@ -60,14 +67,19 @@ def resolve(args):
         cfg = helper.get_config(preset)
         out = args.out or "out"
     overrides = {"data": {}, "training": {}, "model": {}}
-    if args.conditional:
-        overrides["model"]["num_classes"] = 10
+    if args.conditional or args.unconditional:
+        overrides["model"]["num_classes"] = 10 if args.conditional else 0
     if args.data_root:
         overrides["data"]["root"] = args.data_root
     if args.steps:
-        overrides["training"].update(steps=args.steps)
+        overrides["training"].update(steps=args.steps, minutes=0.0)
     if args.epochs:
-        overrides["training"].update(epochs=args.epochs, steps=0)
+        overrides["training"].update(epochs=args.epochs, steps=0, minutes=0.0)
+    if args.minutes:
+        if state is not None:
+            raise UserError(f"--resume keeps the step count of the run ({cfg['training']['steps'] or 'not yet fixed'}); "
+                            f"drop --minutes, or pass --steps N for more")
+        overrides["training"].update(minutes=args.minutes, steps=0)
     if args.seed is not None:
         overrides["training"]["seed"] = args.seed
     if args.device:
@@ -78,23 +90,59 @@ def resolve(args):
 
 
 def same_run(cfg_a, cfg_b):
-    """Whether two configs describe one run: equal but for where the data lives and what runs it."""
+    """Whether two configs describe one run: equal but for where the data lives and what runs it
+    (and, for a time budget, the step count it chose on its machine)."""
     def essence(cfg):
         cfg = helper.merge_config(helper.config, cfg)
         cfg["data"].pop("root"), cfg["training"].pop("device")
+        if cfg["training"]["minutes"] > 0:
+            cfg["training"].pop("steps")
         return cfg
     return essence(cfg_a) == essence(cfg_b)
 
 
 def total_steps_of(cfg):
+    """The run's optimiser steps: training.steps, else (a time budget not yet fixed) None, else
+    the epochs' worth."""
     tr = cfg["training"]
-    return tr["steps"] or tr["epochs"] * (60000 // tr["batch_size"])
+    if tr["steps"]:
+        return tr["steps"]
+    return None if tr["minutes"] > 0 else tr["epochs"] * (60000 // tr["batch_size"])
+
+
+BUDGET_STEPS = 20  # steps timed to fix a time budget's step count, after one that compiles
+BUDGET_RESERVE = 0.07  # share of a time budget kept for checkpoints, previews, the final grid and
+                       # steps slower than the timed ones (5% on a Zen 4: data, checkpoints, progress bar)
+
+
+def budgeted_steps(minutes, seconds_so_far, seconds_per_step):
+    """The step count that ends a run within `minutes`, given the seconds already spent
+    (start-up and compilation) and the measured seconds per step, keeping BUDGET_RESERVE."""
+    seconds_left = minutes * 60 * (1 - BUDGET_RESERVE) - seconds_so_far
+    return max(1, int(seconds_left / seconds_per_step))
+
+
+def measure_seconds_per_step(step_once, snapshot_of):
+    """Seconds per training step, timed over BUDGET_STEPS calls of step_once() after a first
+    one (which compiles), on a throw-away copy of the run: everything `snapshot_of` names
+    (model, EMA, optimiser, generators) is restored afterwards, so the run that follows is
+    the same as one started with its step count fixed."""
+    saved = {name: copy.deepcopy(get()) for name, (get, _) in snapshot_of.items()}
+    step_once()
+    start = time.perf_counter()
+    for _ in range(BUDGET_STEPS):
+        step_once()
+    seconds = (time.perf_counter() - start) / BUDGET_STEPS
+    for name, (_, restore) in snapshot_of.items():
+        restore(saved[name])
+    return seconds
 
 
 def guard_run_folder(cfg, state, out, overwrite):
-    """What to do with a checkpoint already in `out`: resume it when it is this run unfinished
-    (returned as the state to continue), refuse when it is another run, and never silently
-    redo a finished one. Returns the state to continue, or None to start from scratch."""
+    """What to do with a checkpoint already in `out`: resume it when it is this run unfinished,
+    refuse when it is another run, and never silently redo a finished one. Returns the config
+    and the state to continue (None to start from scratch); a time-budgeted run resumed from
+    the folder keeps the step count it chose."""
     ckpt_path = os.path.join(out, "ckpt.pt")
     if state is None and os.path.exists(ckpt_path) and not overwrite:
         existing = helper.load_checkpoint(ckpt_path, training=True)
@@ -102,12 +150,13 @@ def guard_run_folder(cfg, state, out, overwrite):
             raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
                             f"pick a new --out DIR, or pass --overwrite to start over")
         state = existing
+        cfg = helper.merge_config(cfg, {"training": {"steps": existing["config"]["training"]["steps"]}})
         if state["step"] < total_steps_of(cfg):
             print(f"{ckpt_path} is this run, unfinished at step {state['step']}; resuming it")
     if state is not None and state["step"] >= total_steps_of(cfg):
         raise RunComplete(f"{ckpt_path} is complete at step {state['step']} of {total_steps_of(cfg)}; "
                           f"nothing to do (more steps: --resume {ckpt_path} --steps N)")
-    return state
+    return cfg, state
 
 
 class RunComplete(Exception):
@@ -308,13 +357,14 @@ class StopRequest:
 
 def train(cfg, out, state=None, progress=True):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
-    returns the EMA model and the per-step losses and learning rates."""
+    returns the EMA model and the per-step losses and learning rates. A time budget
+    (training.minutes, steps 0) is turned into a step count first, recorded in cfg."""
+    started = time.perf_counter()
     tr, device = cfg["training"], helper.resolve_device(cfg["training"]["device"])
     images, labels = helper.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
     images, labels = images.to(device), labels.to(device)
     conditional = cfg["model"]["num_classes"] > 0
     steps_per_epoch = len(images) // tr["batch_size"]
-    total_steps = tr["steps"] or tr["epochs"] * steps_per_epoch
     bf16 = helper.use_bf16(cfg, device)
     sched = Schedule.from_config(cfg["diffusion"])
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -335,6 +385,23 @@ def train(cfg, out, state=None, progress=True):
         generator.set_state(state["rng"]["noise"])
         if device == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+    total_steps = total_steps_of(cfg)
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+          f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps or 'what the time budget fits'}, "
+          f"{steps_per_epoch} per epoch"
+          f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
+    if total_steps is None:  # a time budget: time steps on the first batch, then fix the count
+        x_0 = helper.to_model_range(images[:tr["batch_size"]], cfg["data"]["image_size"])
+        y = labels[:tr["batch_size"]] if conditional else None
+        seconds_per_step = measure_seconds_per_step(
+            lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y),
+            {"model": (model.state_dict, model.load_state_dict), "ema": (ema.state_dict, ema.load_state_dict),
+             "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
+             "noise": (generator.get_state, generator.set_state), "torch": (torch.get_rng_state, torch.set_rng_state)})
+        total_steps = budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step)
+        tr["steps"] = total_steps  # in every checkpoint: resume continues this count
+        print(f"time budget {tr['minutes']:g} min: {seconds_per_step:.2f} s per step measured, "
+              f"{time.perf_counter() - started:.0f} s spent on start-up and compilation -> {total_steps} steps")
 
     def checkpoint():
         rng = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
@@ -345,9 +412,6 @@ def train(cfg, out, state=None, progress=True):
                                 "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
         save_preview(ema, cfg, device, os.path.join(out, f"samples_step{step}.png"))
 
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
-          f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps}, {steps_per_epoch} per epoch"
-          f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     model.train()
     order, smoothed, tick = None, None, time.perf_counter()
     with StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True) as bar:
@@ -393,7 +457,7 @@ def main(argv=None):
     cfg, state, out = resolve(args)
     with RunLock(out):
         try:
-            state = guard_run_folder(cfg, state, out, args.overwrite)
+            cfg, state = guard_run_folder(cfg, state, out, args.overwrite)
         except RunComplete as complete:
             print(complete)
             return

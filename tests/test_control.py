@@ -183,6 +183,23 @@ def test_loadmodel_digit_all_writes_ten_rows_and_labels(conditional_run, tmp_pat
     assert (tmp_path / "trajectory.png").stat().st_size > 0 and (tmp_path / "samples_grid.png").stat().st_size > 0
 
 
+def test_loadmodel_draws_each_digit_from_a_conditional_checkpoint_unless_guidance_is_zero(conditional_run, tmp_path):
+    loadmodel.main([str(conditional_run / "ckpt.pt"), "--num-samples", "10", "--out", str(tmp_path / "default")])
+    assert np.load(tmp_path / "default" / "samples.npz")["labels"].tolist() == list(range(10))
+    loadmodel.main([str(conditional_run / "ckpt.pt"), "--num-samples", "4", "--guidance", "0",
+                    "--out", str(tmp_path / "w0")])
+    archive = np.load(tmp_path / "w0" / "samples.npz")
+    assert archive["arr_0"].shape == (4, 28, 28, 1) and "labels" not in archive  # the null label: unconditional
+
+
+@pytest.mark.parametrize("flags, preset, num_classes", [
+    ([], "cpu", 10), (["--unconditional"], "cpu", 0), ([], "paper", 0), ([], "smoke", 0), (["--conditional"], "smoke", 10),
+])
+def test_the_cpu_preset_is_conditional_and_the_flags_choose(flags, preset, num_classes):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", preset, *flags]))
+    assert cfg["model"]["num_classes"] == num_classes
+
+
 def test_edit_inpaint_and_interpolate_write_their_figures(conditional_run, mnist_root, tmp_path):
     edit.main(["inpaint", str(conditional_run / "ckpt.pt"), "--index", "5", "--count", "2", "--num-samples", "3",
                "--mask", "centre", "--digit", "3", "--resample", "2", "--data-root", mnist_root, "--out", str(tmp_path)])
@@ -239,6 +256,9 @@ def unconditional_run(tmp_path_factory, mnist_root):
     (["loadmodel.py", "UNCOND", "--guidance", "2"], "--guidance needs a conditional checkpoint"),
     (["loadmodel.py", "COND", "--digit", "3", "--guidance", "-1"], "sampling.guidance must not be negative"),
     (["loadmodel.py", "COND", "--digit", "all", "--num-samples", "15"], "must be a multiple of 10"),
+    (["loadmodel.py", "COND", "--num-samples", "15"], "must be a multiple of 10"),
+    (["loadmodel.py", "COND", "--digit", "3", "--guidance", "0"], "cannot be asked for a digit"),
+    (["main.py", "--conditional", "--unconditional"], "not allowed with argument"),
     (["edit.py", "inpaint", "COND", "--mask", "middle"], "invalid choice"),
     (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 test digits"),
     (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 test digits"),

@@ -8,6 +8,7 @@ import helper
 from attnblock import AttnBlock
 from downsample import Downsample
 from model import Model
+from resnetblock import Normalize
 from upsample import Upsample
 
 
@@ -77,21 +78,22 @@ def cpu_preset_model():
     cfg = helper.get_config("cpu")
     x = torch.randn(8, 1, 28, 28)
     t = torch.linspace(0, cfg["diffusion"]["T"] - 1, 8).long()
-    return Model.from_config(cfg).eval(), x, t
+    y = torch.arange(8) % (cfg["model"]["num_classes"] + 1)  # the digits and the null label
+    return Model.from_config(cfg).eval(), x, t, y
 
 
 @torch.no_grad()
 def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
     """The speed switches change rounding, not the function: bf16 keeps ~3 significant digits."""
-    model, x, t = cpu_preset_model
-    reference = model(x, t)
+    model, x, t, y = cpu_preset_model
+    reference = model(x, t, y)
     with helper.autocast("cpu", True):
-        bf16 = model(x, t)
+        bf16 = model(x, t, y)
     assert bf16.dtype == torch.bfloat16 and 0 < relative_error(bf16, reference) < 2e-2
     nhwc = Model.from_config(helper.get_config("cpu")).eval()
     nhwc.load_state_dict(model.state_dict())
     nhwc = nhwc.to(memory_format=torch.channels_last)
-    assert relative_error(nhwc(x.to(memory_format=torch.channels_last), t), reference) < 1e-5
+    assert relative_error(nhwc(x.to(memory_format=torch.channels_last), t, y), reference) < 1e-5
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -119,3 +121,27 @@ def test_frozen_compiled_networks_keep_their_own_weights():
         torch.manual_seed(seed)
         model = Model.from_config(helper.get_config("smoke")).eval()
         assert relative_error(helper.compile_network(model, frozen=True)(x, t), model(x, t)) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_equals_nn_group_norm_forward_and_backward(dtype, channels_last):
+    """resnetblock.GroupNorm (plain ops in NHWC) against nn.GroupNorm on the same NCHW input,
+    with an offset mean, so the combination of per-channel statistics per group is exercised."""
+    torch.manual_seed(0)
+    norm = Normalize(64)  # 16 groups of 4 channels
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    reference = torch.nn.GroupNorm(norm.num_groups, 64, eps=norm.eps)
+    reference.load_state_dict(norm.state_dict())  # same parameters: old checkpoints load
+    x = (torch.randn(4, 64, 14, 14) * 3 + torch.randn(1, 64, 1, 1) * 2).to(dtype)
+    ours = x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
+    theirs = x.clone().requires_grad_()
+    out, expected = norm(ours, plain=True), reference(theirs)  # the compiled path, run eagerly
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 output: ~3 significant digits
+    assert relative_error(out, expected) < tolerance
+    upstream = torch.randn(x.shape).to(dtype)
+    (out.float() * upstream).sum().backward()
+    (expected.float() * upstream).sum().backward()
+    assert relative_error(ours.grad, theirs.grad) < tolerance
+    assert relative_error(norm.weight.grad, reference.weight.grad) < tolerance

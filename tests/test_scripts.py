@@ -63,11 +63,14 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
 def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path):
     state = torch.load(loadmodel.PRETRAINED, map_location="cpu", weights_only=True)
     assert state.keys() == helper.SAMPLING_KEYS
-    code, stdout, stderr = run_script(os.path.join(REPO, "loadmodel.py"), "--num-samples", "4", "--out", str(tmp_path),
-                                      cwd=tmp_path)  # no out/ckpt.pt there
+    shipped, default = helper.merge_config(helper.config, state["config"]), helper.get_config("cpu")
+    assert all(shipped[section] == default[section] for section in ("model", "diffusion", "sampling"))
+    code, stdout, stderr = run_script(os.path.join(REPO, "loadmodel.py"), "--num-samples", "10", "--steps", "5",
+                                      "--out", str(tmp_path), cwd=tmp_path)  # no out/ckpt.pt there
     assert code == 0, stderr
     assert "sampling the shipped weights" in stdout
-    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 28, 28, 1)
+    archive = np.load(tmp_path / "samples.npz")  # conditional: one of each digit
+    assert archive["arr_0"].shape == (10, 28, 28, 1) and archive["labels"].tolist() == list(range(10))
     assert (tmp_path / "trajectory.gif").stat().st_size > 0
 
 
@@ -108,6 +111,62 @@ def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes
     main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
     assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
     assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
+
+
+def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
+    assert main.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - main.BUDGET_RESERVE) - 100) / 0.5)
+    assert main.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
+    seconds = main.measure_seconds_per_step(lambda: time.sleep(0.01), {})
+    assert 0.01 <= seconds < 0.05
+
+
+@pytest.mark.parametrize("flags, minutes, total", [
+    ([], 30.0, None), (["--steps", "100"], 0.0, 100), (["--epochs", "2"], 0.0, 2 * (60000 // 128)),
+    (["--minutes", "5"], 5.0, None),
+])
+def test_the_cpu_preset_runs_on_a_time_budget_unless_steps_or_epochs_are_given(flags, minutes, total):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", *flags]))
+    assert cfg["training"]["minutes"] == minutes and main.total_steps_of(cfg) == total
+
+
+def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_path, monkeypatch):
+    measured = []
+
+    def budgeted(minutes, seconds_so_far, seconds_per_step):  # the arithmetic is tested above
+        measured.append((minutes, seconds_so_far, seconds_per_step))
+        return 6
+    monkeypatch.setattr(main, "budgeted_steps", budgeted)
+    budget_args = ["--preset", "smoke", "--minutes", "2", "--data-root", mnist_root, "--out"]
+    main.main(budget_args + [str(tmp_path / "budget")])
+    [(minutes, seconds_so_far, seconds_per_step)] = measured
+    assert minutes == 2 and seconds_so_far > 0 and seconds_per_step > 0
+    budget = torch.load(tmp_path / "budget" / "ckpt.pt", weights_only=True)
+    assert budget["config"]["training"]["steps"] == budget["step"] == len(budget["losses"]) == 6
+
+    def assert_same_weights(state):
+        for key in ("model", "ema"):
+            assert all(torch.equal(state[key][name], budget[key][name]) for name in budget[key])
+        assert state["losses"] == budget["losses"] and state["lrs"] == budget["lrs"]
+    # the timed steps leave nothing behind: the run is the one told its step count
+    main.main(["--preset", "smoke", "--steps", "6", "--data-root", mnist_root, "--out", str(tmp_path / "fixed")])
+    assert_same_weights(torch.load(tmp_path / "fixed" / "ckpt.pt", weights_only=True))
+
+    # Ctrl-C at step 4, then the same command again: it resumes with the count it chose
+    calls, update_ema = [], main.update_ema
+
+    def interrupting_update_ema(*args):
+        update_ema(*args)
+        calls.append(1)
+        if len(calls) == main.BUDGET_STEPS + 1 + 4:  # the timed steps, then 4 of the run
+            signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(main, "update_ema", interrupting_update_ema)
+    with pytest.raises(SystemExit) as stopped:
+        main.main(budget_args + [str(tmp_path / "resumed")])
+    assert stopped.value.code == 130
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
+    main.main(budget_args + [str(tmp_path / "resumed")])
+    assert len(measured) == 2  # no third timing: the count came from the checkpoint
+    assert_same_weights(torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
@@ -203,6 +262,9 @@ def assert_one_line_error(code, stderr, *fragments):
     (["main.py", "--preset", "nope"], "unknown preset 'nope'"),
     (["main.py", "--steps", "0"], "must be positive"),
     (["main.py", "--epochs", "-3"], "must be positive"),
+    (["main.py", "--minutes", "0"], "must be positive"),
+    (["main.py", "--minutes", "half"], "must be a number"),
+    (["main.py", "--minutes", "5", "--steps", "10"], "not allowed with argument"),
     (["main.py", "--resume", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "--num-samples", "0"], "must be positive"),
