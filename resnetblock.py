@@ -11,38 +11,10 @@ def nonlinearity(x):
     return torch.nn.functional.silu(x)
 
 
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, computed in plain ops when compiled with x channels_last (NHWC).
-
-    PyTorch's CPU kernel walks an NHWC group with a stride of C, touching C/G channels per
-    step, where NCHW reads each group contiguously. Here the statistics come from per-channel
-    ones instead, reductions over H*W that are contiguous in NHWC, combined per group on the
-    small (B, C) tensor by the law of total variance,
-        mean_g = mean_c(m_c),  var_g = mean_c(v_c) + mean_c((m_c - mean_g)^2),
-    then y = x * scale + shift with scale = gamma / sqrt(var_g + eps), shift = beta - mean_g scale,
-    one broadcast over (B, C). Statistics in fp32, whatever the dtype of x. torch.compile fuses
-    this into two loops over x; in eager the unfused ops are slower than PyTorch's kernel,
-    which is kept there (docs/speed.md). Same parameters, same result as nn.GroupNorm.
-    plain: force (True) or avoid (False) the plain ops; None: only while compiling."""
-
-    def forward(self, x, plain=None):
-        plain = torch.compiler.is_compiling() if plain is None else plain
-        if not plain or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-            return super().forward(x)
-        B, C, G = x.shape[0], x.shape[1], self.num_groups
-        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # per channel, (B, C) each
-        var_c, mean_c = var_c.view(B, G, C // G), mean_c.view(B, G, C // G)
-        mean_g = mean_c.mean(-1, keepdim=True)  # (B, G, 1)
-        var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).pow(2).mean(-1, keepdim=True)
-        scale = self.weight.view(G, C // G) * (var_g + self.eps).rsqrt()  # (B, G, C/G)
-        shift = self.bias.view(G, C // G) - mean_g * scale
-        return (x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)).to(x.dtype)
-
-
 def Normalize(channels):
     """GroupNorm with 32 groups of at least 4 channels each (fewer groups for narrow layers).
     A group of one channel would subtract away the per-channel time embedding added before it."""
-    return GroupNorm(num_groups=math.gcd(32, channels // 4), num_channels=channels, eps=1e-6)
+    return nn.GroupNorm(num_groups=math.gcd(32, channels // 4), num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

@@ -8,7 +8,6 @@ import helper
 from attnblock import AttnBlock
 from downsample import Downsample
 from model import Model
-from resnetblock import Normalize
 from upsample import Upsample
 
 
@@ -122,26 +121,3 @@ def test_frozen_compiled_networks_keep_their_own_weights():
         model = Model.from_config(helper.get_config("smoke")).eval()
         assert relative_error(helper.compile_network(model, frozen=True)(x, t), model(x, t)) < 1e-4
 
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_group_norm_equals_nn_group_norm_forward_and_backward(dtype, channels_last):
-    """resnetblock.GroupNorm (plain ops in NHWC) against nn.GroupNorm on the same NCHW input,
-    with an offset mean, so the combination of per-channel statistics per group is exercised."""
-    torch.manual_seed(0)
-    norm = Normalize(64)  # 16 groups of 4 channels
-    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
-    reference = torch.nn.GroupNorm(norm.num_groups, 64, eps=norm.eps)
-    reference.load_state_dict(norm.state_dict())  # same parameters: old checkpoints load
-    x = (torch.randn(4, 64, 14, 14) * 3 + torch.randn(1, 64, 1, 1) * 2).to(dtype)
-    ours = x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format).requires_grad_()
-    theirs = x.clone().requires_grad_()
-    out, expected = norm(ours, plain=True), reference(theirs)  # the compiled path, run eagerly
-    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 output: ~3 significant digits
-    assert relative_error(out, expected) < tolerance
-    upstream = torch.randn(x.shape).to(dtype)
-    (out.float() * upstream).sum().backward()
-    (expected.float() * upstream).sum().backward()
-    assert relative_error(ours.grad, theirs.grad) < tolerance
-    assert relative_error(norm.weight.grad, reference.weight.grad) < tolerance
