@@ -2,7 +2,7 @@
 classifier: FID, improved precision and recall (k = 3), predicted-class histogram and the
 share of confidently classified samples, beside the MNIST train-vs-test floor.
 
-    python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--num-samples N] [--seed S]
+    python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--eta E] [--num-samples N] [--seed S]
                        [--no-compile] [--data-root DIR] [--json PATH]
     python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
 """
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import helper
 from helper import UserError
-from loadmodel import load_ema_model, output_folder, with_sampling_flags
+from loadmodel import ETA_HELP, load_ema_model, output_folder, with_sampling_flags
 
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
          ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
@@ -255,6 +255,7 @@ def parse_args(argv=None):
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
@@ -277,8 +278,8 @@ def main(argv=None):
     command = " ".join(["python evaluate.py", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
-    if is_npz and (args.sweep or args.sampler or args.steps or args.guidance):
-        raise UserError("--sweep, --sampler, --steps and --guidance need a checkpoint, not an .npz")
+    if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None):
+        raise UserError("--sweep, --sampler, --steps, --eta and --guidance need a checkpoint, not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device)
@@ -289,7 +290,7 @@ def main(argv=None):
         labels = torch.arange(10).repeat_interleave(args.num_samples // 10)
     guidances = args.guidance or [None]
     if not is_npz:
-        cfg = with_sampling_flags(cfg, guidances[0], compile=args.compile)
+        cfg = with_sampling_flags(cfg, guidances[0], compile=args.compile, eta=args.eta)
     classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
@@ -318,6 +319,9 @@ def main(argv=None):
                 nfe = steps or cfg["diffusion"]["T"]
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
+                if sampler != "ddpm" and cfg["sampling"]["eta"] > 0:
+                    row["eta"] = cfg["sampling"]["eta"]
+                    row["name"] += f", eta = {row['eta']:g}"
                 if labels is not None:
                     row["guidance"] = row_cfg["sampling"]["guidance"]
                     row["name"] += f", w = {row['guidance']:g}"

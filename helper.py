@@ -40,7 +40,7 @@ config = {
         "beta_end": 1e-1,          # linear schedule: beta_T
         "cosine_s": 0.008,         # cosine schedule offset, keeps beta_1 from being ~0
         "zero_terminal_snr": False,  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024)
-        "prediction": "eps",       # what the network outputs: eps, x0 or v
+        "prediction": "eps",       # what the network outputs: eps, x0, v, or edm (Karras et al.'s F)
     },
     "training": {
         "seed": 0,                 # seeds model init, data order, t and eps draws
@@ -58,6 +58,9 @@ config = {
         "grad_clip": 0.0,          # clip the global grad norm to this; 0 disables
         "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
         "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+        "timesteps": "uniform",    # t ~ U{1..T}, or lognormal: EDM's ln sigma ~ N(p_mean, p_std^2) on the T levels
+        "p_mean": -1.2,
+        "p_std": 1.2,
         "p_uncond": 0.1,           # conditional models: share of labels replaced by the null label
         "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
         "channels_last": False,    # NHWC memory format (see benchmark.py for whether it pays)
@@ -70,7 +73,7 @@ config = {
         "steps": 0,                # network evaluations; fewer than T respaces the schedule; 0 = T
         "spacing": "trailing",     # which steps are kept: trailing, uniform or quadratic
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
-        "eta": 0.0,                # ddim noise: 0 deterministic, 1 DDPM-like
+        "eta": 0.0,                # ddim and dpm++ noise: 0 deterministic (the ODE), 1 DDPM-like
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
         "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
                                    # (1.5: the least w asking >= 99% the requested digit; docs/control.md)
@@ -82,6 +85,9 @@ config = {
 presets = {
     # The report's table (§7), verbatim.
     "paper": {},
+    # The report's table with alpha_bar_T = 0, so that x_T ~ N(0, I) is what training ends at;
+    # v-prediction, since eps cannot give x_0 there (docs/recipe.md).
+    "paper-zero-snr": {"diffusion": {"zero_terminal_snr": True, "prediction": "v"}},
     # Best samples a 2-core CPU gets from `python main.py` in 30 minutes; see README. Conditional:
     # with guidance it scores FID 10.2 against 31.5 unconditional, same budget (docs/control.md).
     "cpu": {
@@ -169,7 +175,11 @@ def validate_config(cfg):
           f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")
     check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")
     check(d["schedule"] in ("linear", "cosine"), f"unknown schedule '{d['schedule']}'")
-    check(d["prediction"] in ("eps", "x0", "v"), f"unknown prediction '{d['prediction']}'")
+    check(d["prediction"] in ("eps", "x0", "v", "edm"), f"unknown prediction '{d['prediction']}'")
+    check(not (d["prediction"] == "edm" and tr["min_snr_gamma"] > 0),
+          "prediction edm brings its own loss weight: set training.min_snr_gamma to 0")
+    check(tr["timesteps"] in ("uniform", "lognormal"), f"unknown training.timesteps '{tr['timesteps']}'")
+    check(tr["p_std"] > 0, "training.p_std must be positive")
     check(not (d["zero_terminal_snr"] and d["prediction"] == "eps"),
           "zero_terminal_snr needs prediction v or x0: eps cannot give x_0 at alpha_bar_T = 0")
     check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")
@@ -262,6 +272,15 @@ class Schedule:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t). (T,)"""
         return self.alpha_bars / (1 - self.alpha_bars)
 
+    def lognormal_probs(self, p_mean, p_std):
+        """EDM's training noise levels (Karras et al. 2022 §5), ln sigma ~ N(p_mean, p_std^2) with
+        sigma^2 = 1 / SNR, on this schedule's T levels: each t gets the probability of ln sigma
+        falling between the midpoints to its neighbours. (T,), summing to 1."""
+        log_sigma = -0.5 * self.snr().log()  # ascending in t
+        edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+        cdf = torch.special.ndtr((edges - p_mean) / p_std)
+        return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype), append=torch.ones(1, dtype=cdf.dtype))
+
 
 def spaced_timesteps(T, steps, spacing):
     """`steps` of the T timestep indices, ascending. trailing: evenly spaced and ending at T-1,
@@ -307,26 +326,56 @@ def v_target(x_0, eps, t, sched):
     return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_0
 
 
+EDM_SIGMA_DATA = 0.5  # Karras et al. 2022's data std, the value they use for images in [-1, 1]
+
+
+def edm_scalings(alpha_bar, sigma_data=EDM_SIGMA_DATA):
+    """EDM preconditioning (Karras et al. 2022 Table 1) at the VP level a = alpha_bar: their
+    x = x_t / sqrt(a) has noise sigma = sqrt((1 - a) / a), and D(x) = c_skip x + c_out F(c_in x) with
+    c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s / sqrt(sigma^2 + s^2), c_in = 1 / sqrt(sigma^2 + s^2),
+    s = sigma_data. As factors on x_t, with d = 1 - a + a s^2 (the variance of x_t for data of std s):
+    input c_in / sqrt(a) = 1 / sqrt(d), skip c_skip / sqrt(a) = sqrt(a) s^2 / d, out c_out = s sqrt(1 - a) / sqrt(d).
+    At s = 1 (d = 1) F is -v: v-prediction is this preconditioning for data of unit std."""
+    d = 1 - alpha_bar + alpha_bar * sigma_data ** 2
+    return d.rsqrt(), alpha_bar.sqrt() * sigma_data ** 2 / d, sigma_data * (1 - alpha_bar).sqrt() / d.sqrt()
+
+
+def network_input(x_t, t, sched, prediction):
+    """What the network sees at x_t: x_t itself, or for edm x_t scaled to unit variance (c_in)."""
+    if prediction != "edm":
+        return x_t
+    scale_in, _, _ = edm_scalings(extract(sched.alpha_bars, t, x_t.shape))
+    return scale_in * x_t
+
+
 def training_target(x_0, eps, t, sched, prediction):
-    """What the network learns to output at x_t: eps (DDPM), x_0, or v."""
+    """What the network learns to output at x_t: eps (DDPM), x_0, v, or EDM's
+    F = (x_0 - c_skip x) / c_out, whose plain squared error is EDM's weighted loss."""
+    if prediction == "edm":
+        _, skip, out = edm_scalings(extract(sched.alpha_bars, t, x_0.shape))
+        return (x_0 - skip * q_sample(x_0, t, eps, sched)) / out
     return {"eps": lambda: eps, "x0": lambda: x_0, "v": lambda: v_target(x_0, eps, t, sched)}[prediction]()
 
 
 def predict_x0_eps(model_output, x_t, t, sched, prediction):
-    """Turn a network output (eps, x0 or v) into the pair (x_0, eps) it implies at x_t.
+    """Turn a network output (eps, x0, v or edm) into the pair (x_0, eps) it implies at x_t.
     From (*): x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a), and for v:
-    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, with a = alpha_bar_t."""
+    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, with a = alpha_bar_t;
+    for edm x_0 = c_skip x + c_out F (edm_scalings)."""
     alpha_bar = extract(sched.alpha_bars, t, x_t.shape)
     if prediction == "eps":
         eps = model_output
         x_0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-    elif prediction == "x0":
+        return x_0, eps
+    if prediction == "x0":
         x_0 = model_output
-        eps = (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()
-    else:
+    elif prediction == "v":
         x_0 = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
-        eps = (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * model_output
-    return x_0, eps
+        return x_0, (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * model_output
+    else:
+        _, skip, out = edm_scalings(alpha_bar)
+        x_0 = skip * x_t + out * model_output
+    return x_0, (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()
 
 
 def q_posterior_mean(x_0, x_t, t, sched):
@@ -361,7 +410,7 @@ def denoise(model, x_t, i, sched, prediction, clip_x0):
     """One network call at step i of sched, turned into (x_0, eps) via predict_x0_eps;
     x_0 optionally clipped to [-1, 1], eps then recomputed so the pair stays consistent."""
     i_batch = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
-    output = model(x_t, sched.timesteps.to(x_t.device)[i_batch]).float()
+    output = model(network_input(x_t, i_batch, sched, prediction), sched.timesteps.to(x_t.device)[i_batch]).float()
     x_0, eps = predict_x0_eps(output, x_t, i_batch, sched, prediction)
     if clip_x0:
         x_0 = x_0.clamp(-1, 1)
@@ -436,12 +485,15 @@ def half_log_snr(alpha_bar):
 
 
 @torch.no_grad()
-def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", clip_x0=False,
-                         trajectory_of=None, progress=True):
-    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2: with h = lambda_{t-1} - lambda_t,
-    x_{t-1} = (sigma_{t-1} / sigma_t) x_t - alpha_{t-1} (e^{-h} - 1) D,
+def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
+                         generator=None, trajectory_of=None, progress=True):
+    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2, and with eta > 0 its SDE form (ibid. §5,
+    SDE-DPM-Solver++(2M)). With h = lambda_{t-1} - lambda_t, alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar):
+    x_{t-1} = (sigma_{t-1} / sigma_t) e^{-eta h} x_t + alpha_{t-1} (1 - e^{-(1 + eta) h}) D
+              + sigma_{t-1} sqrt(1 - e^{-2 eta h}) z,
     D = (1 + 1/(2r)) x_0(t) - 1/(2r) x_0(t+1), r = h_prev / h; first order (D = x_0(t)) at the
-    first step and at the last one, which lands on x_0 exactly (sigma = 0)."""
+    first step and at the last one, which lands on x_0 exactly (sigma = 0). eta = 0 is the
+    probability-flow ODE solver; eta = 1 makes a first-order step DDPM's with sigma^2 = beta_tilde."""
     x_t, trajectory = x_T, Trajectory(x_T, trajectory_of)
     x_0_next, h_next = None, None  # the previous (noisier) step's x_0 prediction and h
     for i in tqdm(range(sched.T - 1, -1, -1), desc="dpm++", disable=not progress, leave=False):
@@ -453,8 +505,12 @@ def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", clip_x0=False,
         else:
             r = h_next / h
             D = (1 + 1 / (2 * r)) * x_0 - 1 / (2 * r) * x_0_next
+        eta_h = eta * h if eta > 0 else 0.0  # 0, not nan, when h is infinite
         sigma_ratio = math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-        x_t = sigma_ratio * x_t - math.sqrt(alpha_bar_prev) * math.expm1(-h) * D
+        x_t = sigma_ratio * math.exp(-eta_h) * x_t - math.sqrt(alpha_bar_prev) * math.expm1(-h - eta_h) * D
+        noise_scale = math.sqrt(1 - alpha_bar_prev) * math.sqrt(-math.expm1(-2 * eta_h))
+        if noise_scale > 0:
+            x_t = x_t + noise_scale * noise_like(x_t, generator)
         x_0_next, h_next = x_0, h
         trajectory.append(x_t)
     return trajectory.result(x_t)
@@ -465,7 +521,7 @@ class Guided(torch.nn.Module):
     plain model(x_t, t) every sampler calls: with the requested labels y (B,) and weight w,
         output = output(x_t, t, null) + w (output(x_t, t, y) - output(x_t, t, null)),
     so w = 0 is the unconditional model, w = 1 the conditional one and w > 1 pushes further
-    towards y. Every parameterisation (eps, x0, v) is linear in the network output at fixed x_t,
+    towards y. Every parameterisation (eps, x0, v, edm) is affine in the network output at fixed x_t,
     so combining outputs here is combining the implied eps and x_0 in predict_x0_eps. Both
     passes run as one network call on a batch of 2B."""
 
@@ -493,7 +549,7 @@ def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=
         return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
     if s["sampler"] == "ddim":
         return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
-    return dpm_solver_pp_sample(model, x_T, sched, **common)
+    return dpm_solver_pp_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
 
 
 def sampling_schedule(cfg):

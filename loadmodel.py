@@ -3,7 +3,7 @@ per-step denoising trajectories (a figure and an animated GIF), a sample grid an
 as .npz. A conditional checkpoint (the cpu preset's) draws each digit in turn, or the one asked
 for, with classifier-free guidance; at guidance w = 0 it samples unconditionally.
 
-    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N]
+    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N] [--eta E]
                         [--num-samples N] [--batch-size B] [--seed S] [--compile] [--out DIR]
 """
 import argparse
@@ -48,6 +48,9 @@ def digit_choice(text):
     return int(text)
 
 
+ETA_HELP = "ddim and dpm++ noise: 0 deterministic (the ODE), 1 DDPM-like (default: the checkpoint's)"
+
+
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?",
@@ -61,6 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
+    parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--num-samples", type=helper.positive_int,
                         help="digits to sample (default: 16, or 100 with --digit all)")
     parser.add_argument("--batch-size", type=helper.positive_int, default=helper.SAMPLE_BATCH,
@@ -160,7 +164,8 @@ def main(argv=None):
     device = helper.resolve_device(args.device)
     checkpoint = default_checkpoint(args.checkpoint)
     model, cfg = load_ema_model(checkpoint, device)
-    cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, compile=args.compile)
+    cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                              compile=args.compile)
     digit = args.digit
     if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
         digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally
@@ -171,7 +176,8 @@ def main(argv=None):
     s = cfg["sampling"]
     which = "each digit in turn" if digit == "all" else f"digit {digit}"
     wanted = "" if labels is None else f" of {which}, guidance w = {s['guidance']},"
-    print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps), "
+    noise = f", eta = {s['eta']:g}" if s["eta"] > 0 and s["sampler"] != "ddpm" else ""
+    print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps{noise}), "
           f"seed {args.seed}, {args.batch_size} at a time")
 
     per_row = n // 10 if digit == "all" else None

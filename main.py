@@ -30,7 +30,7 @@ from model import Model
 
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", help="paper, cpu or smoke (default: paper with CUDA, else cpu)")
+    parser.add_argument("--preset", help=f"{', '.join(helper.presets)} (default: paper with CUDA, else cpu)")
     parser.add_argument("--data-root", help="torchvision MNIST root (default: config data.root)")
     parser.add_argument("--out", help="output directory (default: out, or the checkpoint's on --resume)")
     length = parser.add_mutually_exclusive_group()
@@ -232,23 +232,28 @@ def drop_labels(y, p_uncond, null_label, generator):
 
 
 def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
-    """DDPM Algorithm 1 / L_simple (eq. 14): t ~ U{1..T}, eps ~ N(0, I), regress the network
-    output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps onto its target.
+    """DDPM Algorithm 1 / L_simple (eq. 14): t ~ U{1..T} (or EDM's log-normal noise levels),
+    eps ~ N(0, I), regress the network output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+    onto its target.
     The squared error is averaged (not summed) over pixels and batch, so the loss scale and
     the useful learning rate do not depend on batch or image size. A conditional model also
     sees the digits' labels y (B,), some of them dropped to the null label."""
-    B = x_0.shape[0]
-    t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)
+    B, tr, prediction = x_0.shape[0], cfg["training"], cfg["diffusion"]["prediction"]
+    if tr["timesteps"] == "uniform":
+        t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)
+    else:
+        probs = sched.lognormal_probs(tr["p_mean"], tr["p_std"]).to(x_0.device, torch.float32)
+        t = torch.multinomial(probs, B, replacement=True, generator=generator)
     eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
     x_t = helper.q_sample(x_0, t, eps, sched)
     if y is not None:
-        y = drop_labels(y, cfg["training"]["p_uncond"], cfg["model"]["num_classes"], generator)
+        y = drop_labels(y, tr["p_uncond"], cfg["model"]["num_classes"], generator)
+    x_in = helper.network_input(x_t, t, sched, prediction)
     with helper.autocast(x_0.device.type, bf16):
-        output = model(x_t, t) if y is None else model(x_t, t, y)
-    prediction = cfg["diffusion"]["prediction"]
+        output = model(x_in, t) if y is None else model(x_in, t, y)
     target = helper.training_target(x_0, eps, t, sched, prediction)
     per_sample = (output.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,), in fp32
-    gamma = cfg["training"]["min_snr_gamma"]
+    gamma = tr["min_snr_gamma"]
     if gamma > 0:
         # min-SNR-gamma (Hang et al. 2023): weight each t as min(SNR, gamma) in x_0 units,
         # divided by what the chosen target already weighs (SNR for eps, SNR + 1 for v)

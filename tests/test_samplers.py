@@ -16,8 +16,9 @@ class OptimalGaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.sched, self.prediction = sched, prediction
 
-    def forward(self, x_t, t):
-        a = helper.extract(self.sched.alpha_bars.double(), t, x_t.shape)
+    def forward(self, x_in, t):
+        a = helper.extract(self.sched.alpha_bars.double(), t, x_in.shape)
+        x_t = x_in / helper.edm_scalings(a)[0] if self.prediction == "edm" else x_in  # undo c_in
         eps = (1 - a).sqrt() * (x_t - a.sqrt() * MU) / (a * STD ** 2 + 1 - a)
         x_0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
         return helper.training_target(x_0.float(), eps.float(), t, self.sched, self.prediction)
@@ -52,13 +53,48 @@ def test_ddim_recovers_gaussian_data(steps, spacing):
 
 
 @pytest.mark.parametrize("steps", [10, 20])
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "edm"])
 def test_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
     full, sched = respaced(1000, steps)
     samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
                                           prediction, progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_sde_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
+    full, sched = respaced(1000, steps)
+    samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
+                                          prediction, eta=1.0, generator=torch.Generator().manual_seed(1),
+                                          progress=False)
+    assert samples.mean().item() == pytest.approx(MU, abs=0.02)
+    assert samples.std().item() == pytest.approx(STD, rel=0.05)
+
+
+def test_sde_dpm_solver_pp_first_order_step_is_ddpm_with_beta_tilde():
+    """On two steps both updates of SDE-DPM-Solver++ are first order, so with eta = 1 it is
+    DDPM Algorithm 2 with sigma^2 = beta_tilde, noise draw for noise draw."""
+    full, sched = respaced(1000, 2)
+    model, start = OptimalGaussianDenoiser(full, "eps"), x_T(64).float()
+    sde = helper.dpm_solver_pp_sample(model, start, sched, "eps", eta=1.0,
+                                      generator=torch.Generator().manual_seed(3), progress=False)
+    ddpm = helper.ddpm_sample(model, start, sched, "eps", "beta_tilde",
+                              generator=torch.Generator().manual_seed(3), progress=False)
+    torch.testing.assert_close(sde, ddpm, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", [helper.ddim_sample, helper.dpm_solver_pp_sample])
+def test_stochastic_samplers_without_noise_are_their_deterministic_solvers(sampler):
+    """eta = 0 ignores the generator; eta > 0 uses it."""
+    full, sched = respaced(100, 10)
+    model, start = OptimalGaussianDenoiser(full, "eps"), x_T(16).float()
+    run = lambda eta, seed: sampler(model, start, sched, "eps", eta=eta, progress=False,
+                                    generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(run(0.0, 1), run(0.0, 2), rtol=0, atol=0)
+    torch.testing.assert_close(run(0.0, 1), sampler(model, start, sched, "eps", progress=False), rtol=0, atol=0)
+    assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-3
 
 
 def test_respaced_ddpm_recovers_gaussian_data():
@@ -74,16 +110,6 @@ def test_respacing_keeps_alpha_bar_at_the_kept_steps():
     keep = helper.spaced_timesteps(1000, 10, "trailing")
     torch.testing.assert_close(sched.alpha_bars, full.alpha_bars[keep])
     assert sched.timesteps.tolist() == keep
-
-
-def test_ddim_eta_zero_is_deterministic_and_eta_one_is_not():
-    full, sched = respaced(100, 10)
-    model = OptimalGaussianDenoiser(full, "eps")
-    start = x_T(16).float()
-    run = lambda eta, seed: helper.ddim_sample(model, start, sched, "eps", eta=eta, progress=False,
-                                               generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(run(0.0, 1), run(0.0, 2), rtol=0, atol=0)
-    assert (run(1.0, 1) - run(1.0, 2)).abs().max() > 1e-3
 
 
 def test_trajectory_runs_from_x_T_to_the_returned_sample():

@@ -91,6 +91,26 @@ def test_training_lowers_the_loss_on_real_digits(mnist_root, digits, tmp_path):
     assert fixed_batch_loss(model) < 0.8 * before
 
 
+def test_edm_training_draws_lognormal_noise_levels_and_sees_unit_variance():
+    """EDM's loss on data of std sigma_data: t from the log-normal levels, the network fed c_in x
+    (unit variance) and, for a network that outputs 0, a loss of E[F^2] = 1."""
+    cfg = helper.merge_config(helper.get_config("smoke"), {
+        "diffusion": {"T": 1000, "schedule": "cosine", "prediction": "edm"}, "training": {"timesteps": "lognormal"}})
+    sched, seen = Schedule.from_config(cfg["diffusion"]), []
+
+    def recording(x_in, t):
+        seen.append((x_in, t))
+        return torch.zeros_like(x_in)
+
+    x_0 = helper.EDM_SIGMA_DATA * torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    loss = main.diffusion_loss(recording, x_0, sched, cfg, torch.Generator().manual_seed(1), False).item()
+    (x_in, t), = seen
+    log_sigma = -0.5 * sched.snr().log()[t]
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.08) and log_sigma.std().item() == pytest.approx(1.2, abs=0.08)
+    assert x_in.var().item() == pytest.approx(1.0, rel=0.05)
+    assert loss == pytest.approx(1.0, rel=0.05)
+
+
 def assert_same_run(a_path, b_path):
     """Two checkpoints of one run: the same step, losses and weights, bit for bit."""
     a, b = (torch.load(path, weights_only=True) for path in (a_path, b_path))
@@ -213,16 +233,18 @@ def test_loadmodel_writes_figures_and_npz(trained, tmp_path):
     assert samples.shape == (5, 28, 28, 1) and samples.dtype == np.uint8
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
-def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler):
-    loadmodel.main([str(trained / "ckpt.pt"), "--sampler", sampler, "--steps", "5", "--num-samples", "2",
-                    "--out", str(tmp_path)])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", "0"), ("ddim", "0"), ("dpm++", "0"), ("ddim", "1"), ("dpm++", "1")])
+def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler, eta):
+    loadmodel.main([str(trained / "ckpt.pt"), "--sampler", sampler, "--steps", "5", "--eta", eta,
+                    "--num-samples", "2", "--out", str(tmp_path)])
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (2, 28, 28, 1)
 
 
-def test_loadmodel_refuses_more_steps_than_T(trained):
-    code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), "--steps", "21")
-    assert_one_line_error(code, stderr, "sampling.steps must be in [0, T=20]")
+@pytest.mark.parametrize("flags, fragment", [(["--steps", "21"], "sampling.steps must be in [0, T=20]"),
+                                             (["--eta", "-1"], "sampling.eta must not be negative")])
+def test_loadmodel_refuses_bad_sampling_flags(trained, flags, fragment):
+    code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), *flags)
+    assert_one_line_error(code, stderr, fragment)
 
 
 def test_loadmodel_seed_reproduces_samples(trained, tmp_path):
