@@ -3,7 +3,7 @@ classifier: FID, improved precision and recall (k = 3), predicted-class histogra
 share of confidently classified samples, beside the MNIST train-vs-test floor.
 
     python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--eta E] [--num-samples N] [--seed S]
-                       [--no-compile] [--data-root DIR] [--json PATH]
+                       [--guidance W[,W...]] [--guidance-interval LO HI] [--no-compile] [--data-root DIR] [--json PATH]
     python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
 """
 import argparse
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import helper
 from helper import UserError
-from loadmodel import ETA_HELP, load_ema_model, output_folder, with_sampling_flags
+from loadmodel import ETA_HELP, INTERVAL_HELP, load_ema_model, output_folder, with_sampling_flags
 
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
          ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
@@ -256,6 +256,7 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
     parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
@@ -278,8 +279,9 @@ def main(argv=None):
     command = " ".join(["python evaluate.py", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
-    if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None):
-        raise UserError("--sweep, --sampler, --steps, --eta and --guidance need a checkpoint, not an .npz")
+    if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None
+                   or args.guidance_interval):
+        raise UserError("--sweep, --sampler, --steps, --eta and --guidance(-interval) need a checkpoint, not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device)
@@ -290,7 +292,7 @@ def main(argv=None):
         labels = torch.arange(10).repeat_interleave(args.num_samples // 10)
     guidances = args.guidance or [None]
     if not is_npz:
-        cfg = with_sampling_flags(cfg, guidances[0], compile=args.compile, eta=args.eta)
+        cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta)
     classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
@@ -307,8 +309,11 @@ def main(argv=None):
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
         if cfg["sampling"]["compile"]:  # compile before the timed rows, on the batch shapes they use
             start = time.perf_counter()
-            for w in {w if w not in (0, 1) else 1.0 for w in guidances}:  # guided calls run a batch of 2B
-                warm = cfg if w is None else helper.with_sampling(cfg, guidance=w)
+            weights = {cfg["sampling"]["guidance"] if w is None else w for w in guidances}
+            if cfg["sampling"]["guidance_interval"]:
+                weights.add(1.0)  # the steps outside the interval run unguided
+            for w in {w if w not in (0, 1) else 1.0 for w in weights}:  # guided calls run a batch of 2B, others B
+                warm = helper.with_sampling(cfg, guidance=w, guidance_interval=[])
                 batch = min(n, helper.SAMPLE_BATCH)
                 generate(model, warm, "ddim", 1, batch, args.seed, device, None if labels is None else labels[:batch])
             print(f"compiled the sampling network in {time.perf_counter() - start:.0f} s")
@@ -325,6 +330,9 @@ def main(argv=None):
                 if labels is not None:
                     row["guidance"] = row_cfg["sampling"]["guidance"]
                     row["name"] += f", w = {row['guidance']:g}"
+                    if row_cfg["sampling"]["guidance_interval"]:
+                        row["guidance_interval"] = lo, hi = row_cfg["sampling"]["guidance_interval"]
+                        row["name"] += f" for sigma in ({lo:g}, {hi:g}]"
                 rows.append({**row, **score(classifier, samples, reference, labels)})
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 

@@ -77,6 +77,8 @@ config = {
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
         "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
                                    # (1.5: the least w asking >= 99% the requested digit; docs/control.md)
+        "guidance_interval": [],   # [lo, hi]: guide only where sigma = sqrt((1 - alpha_bar) / alpha_bar)
+                                   # lies in (lo, hi], w = 1 elsewhere (Kynkäänniemi et al. 2024); []: everywhere
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
         "num_samples": 64,         # samples in the grid main.py writes at the end
     },
@@ -189,6 +191,10 @@ def validate_config(cfg):
     check(s["spacing"] in ("trailing", "uniform", "quadratic"), f"unknown spacing '{s['spacing']}'")
     check(s["eta"] >= 0, "sampling.eta must not be negative")
     check(s["guidance"] >= 0, f"sampling.guidance must not be negative, got {s['guidance']}")
+    interval = s["guidance_interval"]
+    check(interval == [] or (len(interval) == 2 and all(type(v) in (int, float) for v in interval)
+                             and 0 <= interval[0] < interval[1]),
+          f"sampling.guidance_interval must be [] or [lo, hi] with 0 <= lo < hi, got {interval}")
     check(m["num_classes"] >= 0, "model.num_classes must not be negative")
     check(0.0 <= tr["p_uncond"] <= 1.0, "training.p_uncond must be in [0, 1]")
     check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
@@ -523,18 +529,19 @@ class Guided(torch.nn.Module):
     so w = 0 is the unconditional model, w = 1 the conditional one and w > 1 pushes further
     towards y. Every parameterisation (eps, x0, v, edm) is affine in the network output at fixed x_t,
     so combining outputs here is combining the implied eps and x_0 in predict_x0_eps. Both
-    passes run as one network call on a batch of 2B."""
+    passes run as one network call on a batch of 2B. guided_at (T,) bool, if given, limits the
+    guidance to the timesteps marked (Kynkäänniemi et al. 2024); elsewhere w = 1."""
 
-    def __init__(self, network, labels, guidance, null_label):
+    def __init__(self, network, labels, guidance, null_label, guided_at=None):
         super().__init__()
-        self.network, self.labels, self.guidance = network, labels, guidance
+        self.network, self.labels, self.guidance, self.guided_at = network, labels, guidance, guided_at
         self.null = torch.full_like(labels, null_label)
         self.unconditional = guidance == 0 or bool((labels == null_label).all())  # one pass suffices
 
     def forward(self, x_t, t):
         if self.unconditional:
             return self.network(x_t, t, self.null)
-        if self.guidance == 1:
+        if self.guidance == 1 or (self.guided_at is not None and not self.guided_at[int(t[0])]):
             return self.network(x_t, t, self.labels)
         both = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
         conditional, unconditional = both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
@@ -573,7 +580,11 @@ def sampling_network(model, cfg, labels):
         model = compile_network(model, frozen=True, layouts=True)  # no backward: channels-last convolutions pay
     if num_classes == 0:
         return model
-    return Guided(model, labels, cfg["sampling"]["guidance"], num_classes)
+    guided_at, interval = None, cfg["sampling"]["guidance_interval"]
+    if interval:  # the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (lo, hi]
+        sigma = Schedule.from_config(cfg["diffusion"]).snr().rsqrt()
+        guided_at = (sigma > interval[0]) & (sigma <= interval[1])
+    return Guided(model, labels, cfg["sampling"]["guidance"], num_classes, guided_at)
 
 
 def sample(model, cfg, num_samples, seed, device, labels=None, x_T=None, trajectory_of=None, progress=True):

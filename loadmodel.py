@@ -3,7 +3,8 @@ per-step denoising trajectories (a figure and an animated GIF), a sample grid an
 as .npz. A conditional checkpoint (the cpu preset's) draws each digit in turn, or the one asked
 for, with classifier-free guidance; at guidance w = 0 it samples unconditionally.
 
-    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--sampler S] [--steps N] [--eta E]
+    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--guidance-interval LO HI]
+                        [--sampler S] [--steps N] [--eta E]
                         [--num-samples N] [--batch-size B] [--seed S] [--compile] [--out DIR]
 """
 import argparse
@@ -49,6 +50,8 @@ def digit_choice(text):
 
 
 ETA_HELP = "ddim and dpm++ noise: 0 deterministic (the ODE), 1 DDPM-like (default: the checkpoint's)"
+INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI], "
+                 "w = 1 elsewhere (default: the checkpoint's; none: everywhere)")
 
 
 def parse_args(argv=None):
@@ -61,6 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--guidance", type=float,
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
@@ -78,12 +82,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def with_sampling_flags(cfg, guidance=None, **chosen):
-    """cfg with the sampling flags given (None keeps the checkpoint's); --guidance only for a
-    conditional checkpoint."""
-    if guidance is not None and cfg["model"]["num_classes"] == 0:
+def with_sampling_flags(cfg, guidance=None, guidance_interval=None, **chosen):
+    """cfg with the sampling flags given (None keeps the checkpoint's); --guidance and
+    --guidance-interval only for a conditional checkpoint."""
+    if (guidance is not None or guidance_interval is not None) and cfg["model"]["num_classes"] == 0:
         raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional); this one is not")
-    return helper.with_sampling(cfg, guidance=guidance, **chosen)
+    return helper.with_sampling(cfg, guidance=guidance, guidance_interval=guidance_interval, **chosen)
 
 
 def requested_labels(digit, num_samples, cfg):
@@ -164,8 +168,8 @@ def main(argv=None):
     device = helper.resolve_device(args.device)
     checkpoint = default_checkpoint(args.checkpoint)
     model, cfg = load_ema_model(checkpoint, device)
-    cfg = with_sampling_flags(cfg, args.guidance, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                              compile=args.compile)
+    cfg = with_sampling_flags(cfg, args.guidance, args.guidance_interval, sampler=args.sampler, steps=args.steps,
+                              eta=args.eta, compile=args.compile)
     digit = args.digit
     if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
         digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally

@@ -2,7 +2,7 @@
 atomic checkpoints and exact resume; at the end write a sample grid and the loss curve.
 
     python main.py [--preset P] [--conditional | --unconditional] [--data-root DIR] [--out DIR]
-                   [--minutes M | --epochs N | --steps N]
+                   [--minutes M | --epochs N | --steps N] [--set SECTION.KEY=VALUE ...]
                    [--resume CKPT] [--overwrite] [--seed S] [--device D]
 
 A run folder is never overwritten by accident: a second `python main.py` into a folder whose
@@ -38,6 +38,9 @@ def parse_args(argv=None):
     length.add_argument("--steps", type=helper.positive_int, help="train this many optimiser steps in total")
     length.add_argument("--minutes", type=helper.positive_float,
                         help="train for as many steps as fit in M minutes on this machine (the cpu preset: 30)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
+                        help="change one config value of the preset, as JSON (training.lr=1e-3, "
+                             "model.ch_mult=[1,2,2], diffusion.prediction=edm); repeatable")
     parser.add_argument("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in --out even if it holds a checkpoint of another or a finished run")
@@ -56,15 +59,18 @@ def resolve(args):
     """The run's config, checkpoint to resume (or None) and output directory."""
     state = None
     if args.resume:
-        if args.preset or args.seed is not None or args.conditional or args.unconditional or args.overwrite:
-            raise UserError("--resume takes its preset, seed and conditioning from the checkpoint; "
-                            "drop --preset/--seed/--conditional/--unconditional/--overwrite")
+        if args.preset or args.seed is not None or args.conditional or args.unconditional or args.overwrite \
+                or args.settings:
+            raise UserError("--resume takes its preset, settings, seed and conditioning from the checkpoint; "
+                            "drop --preset/--set/--seed/--conditional/--unconditional/--overwrite")
         state = helper.load_checkpoint(args.resume, training=True)
         cfg = helper.merge_config(helper.config, state["config"])
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
         cfg = helper.get_config(preset)
+        for setting in args.settings:
+            cfg = helper.merge_config(cfg, parse_setting(setting))
         out = args.out or "out"
     overrides = {"data": {}, "training": {}, "model": {}}
     if args.conditional or args.unconditional:
@@ -87,6 +93,20 @@ def resolve(args):
     cfg = helper.merge_config(cfg, overrides)
     helper.validate_config(cfg)
     return cfg, state, out
+
+
+def parse_setting(setting):
+    """'section.key=value' as the override {section: {key: value}}; the value is read as JSON
+    (numbers, lists, true/false), else kept as a string."""
+    name, equals, raw = setting.partition("=")
+    section, dot, key = name.partition(".")
+    if not (equals and dot and section and key):
+        raise UserError(f"--set wants SECTION.KEY=VALUE, got '{setting}'")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return {section: {key: value}}
 
 
 def same_run(cfg_a, cfg_b):

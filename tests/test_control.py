@@ -122,6 +122,23 @@ def test_guided_passes_run_as_one_call_of_batch_2B_equal_to_two_calls():
     torch.testing.assert_close(guided, separate, rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
+    model, cfg = conditional_model()
+    x, t = inputs()  # t = 0, 5, 12, 19; Guided sees one t per call, as in the samplers
+    y = torch.tensor([3, 7, 1, 9])
+    sigma = Schedule.from_config(cfg["diffusion"]).snr().rsqrt()
+    lo, hi = sigma[4].item(), sigma[12].item()  # (lo, hi] holds t = 5..12
+    network = helper.sampling_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
+    assert network.guided_at.nonzero().flatten().tolist() == list(range(5, 13))
+    plain, conditional = helper.Guided(model, y, 3.0, 10), helper.Guided(model, y, 1.0, 10)
+    with torch.no_grad():
+        for step in t.tolist():
+            at = torch.full((4,), step)
+            expected = (plain if 5 <= step <= 12 else conditional)(x, at)
+            torch.testing.assert_close(network(x, at), expected, rtol=0, atol=0)
+    assert not torch.equal(plain(x, torch.full((4,), 5)), conditional(x, torch.full((4,), 5)))
+
+
 def test_a_conditional_model_without_labels_samples_with_the_null_label():
     model, cfg = conditional_model()
     cfg = helper.with_sampling(cfg, sampler="ddim", steps=4)
@@ -235,10 +252,12 @@ def test_evaluate_scores_requested_digit_accuracy_of_a_labelled_npz(classifier_f
 def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run, classifier_file, mnist_root,
                                                                  tmp_path):
     evaluate.main([str(conditional_run / "ckpt.pt"), "--num-samples", "20", "--guidance", "0,2", "--steps", "3",
+                   "--guidance-interval", "0.5", "20", "--sampler", "dpm++", "--eta", "1",
                    "--no-compile", "--data-root", mnist_root, "--classifier", str(classifier_file[0]),
                    "--out", str(tmp_path), "--json", str(tmp_path / "eval.json")])
     rows = __import__("json").load(open(tmp_path / "eval.json"))["rows"]
     assert [row.get("guidance") for row in rows] == [None, 0.0, 2.0]
+    assert rows[2]["name"] == "dpm++, 3 steps, eta = 1, w = 2 for sigma in (0.5, 20]"
     assert all(0 <= row["accuracy"] <= 1 for row in rows[1:])
     assert (tmp_path / "guidance.png").stat().st_size > 0
 
@@ -263,6 +282,8 @@ def unconditional_run(tmp_path_factory, mnist_root):
     (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 test digits"),
     (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 test digits"),
     (["evaluate.py", "COND", "--guidance", "1,-2"], "guidance must not be negative"),
+    (["loadmodel.py", "COND", "--guidance-interval", "2", "1"], "guidance_interval must be [] or [lo, hi]"),
+    (["loadmodel.py", "UNCOND", "--guidance-interval", "0.3", "5"], "--guidance needs a conditional checkpoint"),
 ])
 def test_bad_control_input_gets_one_line_and_exit_2(args, fragment, conditional_run, unconditional_run, mnist_root):
     paths = {"COND": str(conditional_run / "ckpt.pt"), "UNCOND": str(unconditional_run / "ckpt.pt")}

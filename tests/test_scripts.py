@@ -133,6 +133,16 @@ def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes
     assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
 
 
+def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--set", "training.lr=0.003",
+                                              "--set", "model.ch_mult=[1,2]", "--set", "diffusion.prediction=edm"]))
+    assert cfg["training"]["lr"] == 0.003 and cfg["model"]["ch_mult"] == [1, 2]
+    assert cfg["diffusion"]["prediction"] == "edm" and cfg == helper.merge_config(helper.get_config("smoke"), {
+        "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "edm"}})
+    with pytest.raises(helper.UserError, match="--resume takes its preset, settings"):
+        main.resolve(main.parse_args(["--resume", str(tmp_path / "ckpt.pt"), "--set", "training.lr=0.1"]))
+
+
 def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
     assert main.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - main.BUDGET_RESERVE) - 100) / 0.5)
     assert main.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
@@ -288,6 +298,10 @@ def assert_one_line_error(code, stderr, *fragments):
     (["main.py", "--minutes", "half"], "must be a number"),
     (["main.py", "--minutes", "5", "--steps", "10"], "not allowed with argument"),
     (["main.py", "--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["main.py", "--set", "training.lr"], "--set wants SECTION.KEY=VALUE"),
+    (["main.py", "--set", "training.nope=1"], "unknown config.training key 'nope'"),
+    (["main.py", "--set", "training.lr=fast"], "config.training.lr must be float"),
+    (["main.py", "--set", "diffusion.prediction=score"], "unknown prediction 'score'"),
     (["loadmodel.py", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "--num-samples", "0"], "must be positive"),
     (["loadmodel.py", "--sampler", "euler"], "invalid choice"),
