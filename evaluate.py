@@ -3,7 +3,8 @@ classifier: FID, improved precision and recall (k = 3), predicted-class histogra
 share of confidently classified samples, beside the MNIST train-vs-test floor.
 
     python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--eta E] [--num-samples N] [--seed S]
-                       [--guidance W[,W...]] [--guidance-interval LO HI] [--no-compile] [--data-root DIR] [--json PATH]
+                       [--guidance W[,W...]] [--guidance-interval LO HI] [--ema DECAY] [--no-compile]
+                       [--data-root DIR] [--json PATH]
     python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
 """
 import argparse
@@ -257,6 +258,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
+    parser.add_argument("--ema", type=float, metavar="DECAY",
+                        help="score the EMA of this decay, one of training.extra_ema_decays (default: ema_decay's)")
     parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
@@ -280,11 +283,12 @@ def main(argv=None):
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
     if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None
-                   or args.guidance_interval):
-        raise UserError("--sweep, --sampler, --steps, --eta and --guidance(-interval) need a checkpoint, not an .npz")
+                   or args.guidance_interval or args.ema is not None):
+        raise UserError("--sweep, --sampler, --steps, --eta, --ema and --guidance(-interval) need a checkpoint, "
+                        "not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
-    model, cfg = (None, None) if is_npz else load_ema_model(args.input, device)
+    model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
     if not is_npz and cfg["model"]["num_classes"]:
         if args.num_samples % 10:
             raise UserError(f"a conditional checkpoint is scored on N/10 of each digit: --num-samples must be "
@@ -324,6 +328,9 @@ def main(argv=None):
                 nfe = steps or cfg["diffusion"]["T"]
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
+                if args.ema is not None:
+                    row["ema"] = args.ema
+                    row["name"] += f", EMA {args.ema:g}"
                 if sampler != "ddpm" and cfg["sampling"]["eta"] > 0:
                     row["eta"] = cfg["sampling"]["eta"]
                     row["name"] += f", eta = {row['eta']:g}"

@@ -57,7 +57,10 @@ config = {
         "min_lr_ratio": 0.0,
         "grad_clip": 0.0,          # clip the global grad norm to this; 0 disables
         "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
+        "extra_ema_decays": [],    # more EMA copies kept in ckpt.pt, for evaluate.py --ema to compare
         "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
+        "loss": "mse",             # per pixel: mse, or huber (squared up to |error| = huber_delta, linear beyond)
+        "huber_delta": 1.0,
         "timesteps": "uniform",    # t ~ U{1..T}, or lognormal: EDM's ln sigma ~ N(p_mean, p_std^2) on the T levels
         "p_mean": -1.2,
         "p_std": 1.2,
@@ -181,7 +184,10 @@ def validate_config(cfg):
     check(not (d["prediction"] == "edm" and tr["min_snr_gamma"] > 0),
           "prediction edm brings its own loss weight: set training.min_snr_gamma to 0")
     check(tr["timesteps"] in ("uniform", "lognormal"), f"unknown training.timesteps '{tr['timesteps']}'")
+    check(all(type(d) in (int, float) and 0 <= d < 1 for d in tr["extra_ema_decays"]),
+          "training.extra_ema_decays must be numbers in [0, 1)")
     check(tr["p_std"] > 0, "training.p_std must be positive")
+    check(tr["loss"] in ("mse", "huber") and tr["huber_delta"] > 0, "training.loss must be mse or huber, huber_delta > 0")
     check(not (d["zero_terminal_snr"] and d["prediction"] == "eps"),
           "zero_terminal_snr needs prediction v or x0: eps cannot give x_0 at alpha_bar_T = 0")
     check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")

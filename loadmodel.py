@@ -106,12 +106,19 @@ def requested_labels(digit, num_samples, cfg):
     return torch.arange(10).repeat_interleave(num_samples // 10)
 
 
-def load_ema_model(path, device):
-    """The EMA network of a checkpoint and the config stored with it."""
+def load_ema_model(path, device, decay=None):
+    """The EMA network of a checkpoint (or its extra EMA of that decay) and the config stored with it."""
     state = helper.load_checkpoint(path)
     cfg = helper.merge_config(helper.config, state["config"])
     model = Model.from_config(cfg)
-    helper.load_weights(model, state["ema"])
+    weights, decays = state["ema"], cfg["training"]["extra_ema_decays"]
+    if decay is not None and decay != cfg["training"]["ema_decay"]:
+        if decay not in decays or "extra_emas" not in state:
+            kept = ", ".join(f"{d:g}" for d in [cfg["training"]["ema_decay"], *decays])
+            raise UserError(f"'{path}' keeps the EMA of decay {kept}, not {decay:g}")
+        prefix = f"{decays.index(decay)}."  # the extra EMAs are saved as one ModuleList
+        weights = {name[len(prefix):]: w for name, w in state["extra_emas"].items() if name.startswith(prefix)}
+    helper.load_weights(model, weights)
     return model.to(device).eval(), cfg
 
 

@@ -272,7 +272,11 @@ def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
     with helper.autocast(x_0.device.type, bf16):
         output = model(x_in, t) if y is None else model(x_in, t, y)
     target = helper.training_target(x_0, eps, t, sched, prediction)
-    per_sample = (output.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,), in fp32
+    if tr["loss"] == "huber":  # twice torch's Huber loss: e^2 for |e| <= delta, as MSE, then 2 delta |e| - delta^2
+        per_pixel = 2 * torch.nn.functional.huber_loss(output.float(), target, reduction="none", delta=tr["huber_delta"])
+    else:
+        per_pixel = (output.float() - target).pow(2)
+    per_sample = per_pixel.mean(dim=(1, 2, 3))  # (B,), in fp32
     gamma = tr["min_snr_gamma"]
     if gamma > 0:
         # min-SNR-gamma (Hang et al. 2023): weight each t as min(SNR, gamma) in x_0 units,
@@ -306,10 +310,10 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None):
+def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None, extra_emas=()):
     """One optimiser step on a batch x_0 (B, C, S, S) (labels y (B,) for a conditional model):
-    loss, backward, clipping, update, EMA. `network` is `model` itself or its compiled wrapper.
-    Returns the loss as a Python float."""
+    loss, backward, clipping, update, EMA (and the extra EMAs of training.extra_ema_decays).
+    `network` is `model` itself or its compiled wrapper. Returns the loss as a Python float."""
     tr = cfg["training"]
     loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16, y)
     optimizer.zero_grad(set_to_none=True)
@@ -318,7 +322,8 @@ def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16,
         torch.nn.utils.clip_grad_norm_(model.parameters(), tr["grad_clip"])
     optimizer.step()
     # warm-up of the decay (as in TF's ExponentialMovingAverage with num_updates)
-    update_ema(ema, model, min(tr["ema_decay"], (1 + step) / (10 + step)))
+    for average, decay in zip([ema, *extra_emas], [tr["ema_decay"], *tr["extra_ema_decays"]]):
+        update_ema(average, model, min(decay, (1 + step) / (10 + step)))
     return loss.item()
 
 
@@ -398,12 +403,15 @@ def train(cfg, out, state=None, progress=True):
     model = prepare_model(Model.from_config(cfg).to(device), cfg)
     network = compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
+    extra_emas = torch.nn.ModuleList(copy.deepcopy(ema) for _ in tr["extra_ema_decays"])  # for evaluate.py --ema
     optimizer = make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(tr["seed"])  # t and eps draws
     step, losses, lrs = 0, [], []
     if state is not None:
         helper.load_weights(model, state["model"])
         helper.load_weights(ema, state["ema"])
+        if len(extra_emas):
+            helper.load_weights(extra_emas, state["extra_emas"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses, lrs = state["step"], list(state["losses"]), list(state["lrs"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -419,8 +427,9 @@ def train(cfg, out, state=None, progress=True):
         x_0 = helper.to_model_range(images[:tr["batch_size"]], cfg["data"]["image_size"])
         y = labels[:tr["batch_size"]] if conditional else None
         seconds_per_step = measure_seconds_per_step(
-            lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y),
+            lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas),
             {"model": (model.state_dict, model.load_state_dict), "ema": (ema.state_dict, ema.load_state_dict),
+             "extra_emas": (extra_emas.state_dict, extra_emas.load_state_dict),
              "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
              "noise": (generator.get_state, generator.set_state), "torch": (torch.get_rng_state, torch.set_rng_state)})
         total_steps = budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step)
@@ -433,8 +442,8 @@ def train(cfg, out, state=None, progress=True):
         if device == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         helper.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
-                                "optimizer": optimizer.state_dict(), "step": step, "config": cfg,
-                                "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
+                                "extra_emas": extra_emas.state_dict(), "optimizer": optimizer.state_dict(),
+                                "step": step, "config": cfg, "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
         save_preview(ema, cfg, device, os.path.join(out, f"samples_step{step}.png"))
 
     model.train()
@@ -452,7 +461,8 @@ def train(cfg, out, state=None, progress=True):
             lr = lr_at(step, tr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y)
+            loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y,
+                                    extra_emas)
             if not math.isfinite(loss_value):  # the weights in memory are spoilt; the file is not
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
                 raise RunError(f"loss is {loss_value} at step {step}; stopping ({kept})")

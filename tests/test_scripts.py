@@ -91,6 +91,18 @@ def test_training_lowers_the_loss_on_real_digits(mnist_root, digits, tmp_path):
     assert fixed_batch_loss(model) < 0.8 * before
 
 
+@pytest.mark.parametrize("loss, error, expected", [("mse", 0.3, 0.09), ("mse", 2.0, 4.0),
+                                                     ("huber", 0.3, 0.09), ("huber", 2.0, 3.0)])
+def test_huber_loss_is_squared_error_up_to_delta_then_linear(loss, error, expected):
+    cfg = helper.merge_config(helper.get_config("smoke"), {
+        "diffusion": {"prediction": "x0"}, "training": {"loss": loss, "huber_delta": 1.0}})
+    x_0 = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    off_by_error = lambda x_in, t: x_0 + error  # the x_0 target missed by `error` in every pixel
+    value = main.diffusion_loss(off_by_error, x_0, Schedule.from_config(cfg["diffusion"]), cfg,
+                                torch.Generator().manual_seed(1), False).item()
+    assert value == pytest.approx(expected, rel=1e-5)
+
+
 def test_edm_training_draws_lognormal_noise_levels_and_sees_unit_variance():
     """EDM's loss on data of std sigma_data: t from the log-normal levels, the network fed c_in x
     (unit variance) and, for a network that outputs 0, a loss of E[F^2] = 1."""
@@ -115,15 +127,16 @@ def assert_same_run(a_path, b_path):
     """Two checkpoints of one run: the same step, losses and weights, bit for bit."""
     a, b = (torch.load(path, weights_only=True) for path in (a_path, b_path))
     assert a["step"] == b["step"] and a["losses"] == b["losses"]
-    for key in ("model", "ema"):
+    for key in ("model", "ema", "extra_emas"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
 
 
-@pytest.mark.parametrize("num_classes", [0, 10])  # unconditional, and conditional with null-label draws
-def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes):
+@pytest.mark.parametrize("num_classes, extra_ema_decays", [(0, []), (10, [0.5])])  # conditional: null-label draws
+def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes, extra_ema_decays):
     def config(steps):
-        return helper.merge_config(smoke_config(mnist_root, steps=steps), {"model": {"num_classes": num_classes}})
+        return helper.merge_config(smoke_config(mnist_root, steps=steps, extra_ema_decays=extra_ema_decays),
+                                   {"model": {"num_classes": num_classes}})
 
     main.train(config(8), str(tmp_path / "straight"), progress=False)
     main.train(config(4), str(tmp_path / "halves"), progress=False)
@@ -141,6 +154,22 @@ def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path):
         "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "edm"}})
     with pytest.raises(helper.UserError, match="--resume takes its preset, settings"):
         main.resolve(main.parse_args(["--resume", str(tmp_path / "ckpt.pt"), "--set", "training.lr=0.1"]))
+
+
+def test_extra_emas_are_kept_and_evaluate_can_pick_one(mnist_root, tmp_path):
+    """An extra EMA of the run's own decay is the EMA, one of decay 0 is the weights themselves."""
+    main.train(smoke_config(mnist_root, steps=6, extra_ema_decays=[0.9, 0.0]), str(tmp_path), progress=False)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["config"]["training"]["ema_decay"] == 0.9
+    for name, value in state["ema"].items():  # the first extra copy, decay 0.9, kept beside the EMA
+        assert torch.equal(state["extra_emas"][f"0.{name}"], value), name
+    for decay, expected in ((0.0, state["model"]), (None, state["ema"])):
+        model, _ = loadmodel.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", decay)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected[name]), (decay, name)
+    assert any(not torch.equal(state["ema"][name], state["model"][name]) for name in state["ema"])
+    with pytest.raises(helper.UserError, match="keeps the EMA of decay 0.9, 0.9, 0, not 0.5"):
+        loadmodel.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", 0.5)
 
 
 def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
