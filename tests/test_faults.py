@@ -147,10 +147,34 @@ def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_l
     assert not glob.glob(str(tmp_path / "*.tmp")) and not (tmp_path / ".lock").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_kept_freed_memory_stops_the_page_faults_of_large_tensors():
+    """A fresh 100 MB tensor at every step: glibc maps and faults it in each time, unless told
+    to keep freed memory, when the steps reuse it after the first few."""
+    source = ("import resource, sys, torch, helper\n"
+              "torch.set_num_threads(1)\n"
+              "if sys.argv[1] == 'keep': helper.keep_freed_memory()\n"
+              "x, faults = torch.ones(25_000_000), []\n"
+              "for _ in range(12):\n"
+              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+              "    y = x * 2\n"
+              "    del y\n"
+              "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+              "print(*faults)")
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", source, mode], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = [int(n) for n in proc.stdout.split()]
+    assert min(faults["default"]) > 0  # 100 MB is 24,400 pages of 4 KB (fewer with huge pages)
+    assert max(faults["keep"][-6:]) < min(faults["default"]) / 100, faults
+
+
 def peak_rss_mb(checkpoint, out, num_samples):
-    source = ("import resource, loadmodel\n"
-              f"loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', '--batch-size', '50', '--steps', '5', "
-              f"'--out', {str(out)!r}])\n"
+    source = ("import resource, helper, loadmodel\n"  # helper.run: as `python loadmodel.py` runs, freed memory kept
+              f"helper.run(lambda: loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', "
+              f"'--batch-size', '50', '--steps', '5', '--out', {str(out)!r}]))\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
