@@ -378,17 +378,16 @@ def predict_x0_eps(model_output, x_t, t, sched, prediction):
     alpha_bar = extract(sched.alpha_bars, t, x_t.shape)
     if prediction == "eps":
         eps = model_output
-        x_0 = (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        return x_0, eps
+        return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt(), eps
+    if prediction == "v":
+        v = model_output
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * v, (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
     if prediction == "x0":
         x_0 = model_output
-    elif prediction == "v":
-        x_0 = alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
-        return x_0, (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * model_output
-    else:
+    else:  # edm
         _, skip, out = edm_scalings(alpha_bar)
         x_0 = skip * x_t + out * model_output
-    return x_0, (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()
+    return x_0, (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()  # eps from (*)
 
 
 def q_posterior_mean(x_0, x_t, t, sched):
