@@ -363,10 +363,12 @@ def network_input(x_t, t, sched, prediction):
 
 def training_target(x_0, eps, t, sched, prediction):
     """What the network learns to output at x_t: eps (DDPM), x_0, v, or EDM's
-    F = (x_0 - c_skip x) / c_out, whose plain squared error is EDM's weighted loss."""
+    F = (x_0 - c_skip x) / c_out, whose plain squared error is EDM's weighted loss. With x_t
+    from (*) and edm_scalings' d = 1 - a + a s^2, F = (sqrt(1 - a) x_0 - s^2 sqrt(a) eps) / (s sqrt(d))."""
     if prediction == "edm":
-        _, skip, out = edm_scalings(extract(sched.alpha_bars, t, x_0.shape))
-        return (x_0 - skip * q_sample(x_0, t, eps, sched)) / out
+        alpha_bar, s = extract(sched.alpha_bars, t, x_0.shape), EDM_SIGMA_DATA
+        scale_in, _, _ = edm_scalings(alpha_bar)  # 1 / sqrt(d)
+        return ((1 - alpha_bar).sqrt() * x_0 - s ** 2 * alpha_bar.sqrt() * eps) * scale_in / s
     return {"eps": lambda: eps, "x0": lambda: x_0, "v": lambda: v_target(x_0, eps, t, sched)}[prediction]()
 
 
