@@ -356,6 +356,7 @@ def save_loss_curve(losses, lrs, path):
     ax.legend(loc="upper center")
     lr_ax = ax.twinx()
     lr_ax.plot(lrs, color="C1")
+    lr_ax.set_ylim(0, 1.1 * max(lrs))  # from 0, so a constant rate reads as one
     lr_ax.set_ylabel("learning rate", color="C1")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
