@@ -254,7 +254,7 @@ def plot_guidance(rows, path):
 def parse_args(argv=None):
     parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
+    parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
@@ -326,6 +326,8 @@ def main(argv=None):
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
                 nfe = steps or cfg["diffusion"]["T"]
+                if sampler == "heun":  # two evaluations per stop, one at the first and the last
+                    nfe = max(1, 2 * helper.sampler_stops(sampler, nfe) - 2)
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
                 if args.ema is not None:

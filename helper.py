@@ -72,11 +72,12 @@ config = {
         "device": "auto",          # auto: cuda if available, else cpu
     },
     "sampling": {
-        "sampler": "ddpm",         # ddpm (ancestral, report §5), ddim or dpm++ (DPM-Solver++(2M))
+        "sampler": "ddpm",         # ddpm (ancestral, report §5), ddim, dpm++ (DPM-Solver++(2M)) or heun (EDM's)
         "steps": 0,                # network evaluations; fewer than T respaces the schedule; 0 = T
         "spacing": "trailing",     # which steps are kept: trailing, uniform or quadratic
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
-        "eta": 0.0,                # ddim and dpm++ noise: 0 deterministic (the ODE), 1 DDPM-like
+        "eta": 0.0,                # ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like
+                                   # (heun: the most churn EDM allows)
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
         "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
                                    # (1.5: the least w asking >= 99% the requested digit; docs/control.md)
@@ -115,6 +116,9 @@ presets = {
         "sampling": {"num_samples": 4},
     },
 }
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
 
 
 class UserError(Exception):
@@ -194,7 +198,10 @@ def validate_config(cfg):
     check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")
     check(tr["lr_decay"] in ("constant", "cosine"), f"unknown lr_decay '{tr['lr_decay']}'")
     check(tr["bf16"] in ("auto", "on", "off"), "training.bf16 must be auto, on or off")
-    check(s["sampler"] in ("ddpm", "ddim", "dpm++"), f"unknown sampler '{s['sampler']}'")
+    check(s["sampler"] in SAMPLERS, f"unknown sampler '{s['sampler']}'")
+    check(not (s["sampler"] == "heun" and d["zero_terminal_snr"]),
+          "the heun sampler cannot start at sigma = infinity (zero_terminal_snr): use ddim or dpm++")
+    check(not (s["sampler"] == "heun" and s["eta"] > 1), "the heun sampler's eta must be in [0, 1]")
     check(s["spacing"] in ("trailing", "uniform", "quadratic"), f"unknown spacing '{s['spacing']}'")
     check(s["eta"] >= 0, "sampling.eta must not be negative")
     check(s["guidance"] >= 0, f"sampling.guidance must not be negative, got {s['guidance']}")
@@ -530,6 +537,55 @@ def dpm_solver_pp_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=F
     return trajectory.result(x_t)
 
 
+def nearest_level(sigmas, sigma):
+    """The index of the level in sigmas (ascending) whose noise is nearest sigma, in log sigma."""
+    return int((sigmas.log() - math.log(sigma)).abs().argmin())
+
+
+@torch.no_grad()
+def heun_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
+                generator=None, trajectory_of=None, progress=True, stops=None):
+    """Karras et al. 2022 Alg. 2 (EDM's stochastic sampler) on the levels of sched, in their
+    variables x = x_t / sqrt(a), sigma = sqrt((1 - a) / a), a = alpha_bar, where x = x_0 + sigma eps
+    and dx/dsigma = eps. It stops at the levels `stops` (ascending indices; default: all) and
+    last at sigma = 0. From the stop at sigma to the next one at sigma':
+        churn  x_hat = x + sqrt(sigma_hat^2 - sigma^2) z, sigma_hat the level nearest sigma (1 + gamma),
+               gamma = eta (sqrt(2) - 1)  (EDM's S_churn / N, at its cap for eta = 1; S_noise = 1)
+        Euler  x' = x_hat + (sigma' - sigma_hat) eps(x_hat, sigma_hat)
+        Heun   x' = x_hat + (sigma' - sigma_hat) (eps(x_hat, sigma_hat) + eps(x', sigma')) / 2.
+    Heun's correction is skipped on the last step (sigma' = 0) and on the first: from sigma_T
+    (about 2e4 on the cosine schedule) eps changes over orders of magnitude of sigma, and the
+    trapezoid rule lands far off where Euler's step is DDIM's. 2 len(stops) - 2 network
+    evaluations. eta = 0 is Heun's method on the probability-flow ODE (Alg. 1); sigma_hat is a
+    level of sched, as EDM rounds it for discrete-time models."""
+    stops = list(range(sched.T)) if stops is None else list(stops)
+    sigmas = sched.snr().rsqrt()  # (T,) ascending, float64
+    gamma = eta * (math.sqrt(2) - 1)
+    trajectory = Trajectory(x_T, trajectory_of)
+    scale = lambda level: sched.alpha_bars[level].sqrt().item()  # x_t = sqrt(a) x at a level
+    eps_at = lambda x, level: denoise(model, scale(level) * x, level, sched, prediction, clip_x0)[1]
+    x = x_T / scale(stops[-1])
+    for n in tqdm(range(len(stops) - 1, -1, -1), desc="heun", disable=not progress, leave=False):
+        k = stops[n]
+        j = max(k, nearest_level(sigmas, sigmas[k].item() * (1 + gamma)))
+        sigma, sigma_hat = sigmas[k].item(), sigmas[j].item()
+        if j > k:
+            x = x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * noise_like(x, generator)
+        eps_hat = eps_at(x, j)
+        if n == 0:  # Euler to sigma = 0: x_0 = x_hat - sigma_hat eps
+            x = x - sigma_hat * eps_hat
+            trajectory.append(x)
+            break
+        sigma_next = sigmas[stops[n - 1]].item()
+        x_euler = x + (sigma_next - sigma_hat) * eps_hat
+        if n == len(stops) - 1:
+            x = x_euler
+        else:
+            x = x + (sigma_next - sigma_hat) * (eps_hat + eps_at(x_euler, stops[n - 1])) / 2
+        trajectory.append(scale(stops[n - 1]) * x)
+    return trajectory.result(x)
+
+
 class Guided(torch.nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022 eq. 6) around a conditional network, as the
     plain model(x_t, t) every sampler calls: with the requested labels y (B,) and weight w,
@@ -564,15 +620,26 @@ def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=
         return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
     if s["sampler"] == "ddim":
         return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
+    if s["sampler"] == "heun":  # stops at sched's levels; its churn may reach any of the T levels between them
+        return heun_sample(model, x_T, Schedule.from_config(cfg["diffusion"]), eta=s["eta"], generator=generator,
+                           stops=sched.timesteps.tolist(), **common)
     return dpm_solver_pp_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
 
 
+def sampler_stops(sampler, steps):
+    """How many levels a sampler stops at for `steps` network evaluations: one evaluation per
+    level, but heun's two except at its first and last, so 2 n - 2 <= steps."""
+    return steps // 2 + 1 if sampler == "heun" else steps
+
+
 def sampling_schedule(cfg):
-    """The schedule the sampler walks: cfg's, respaced to sampling.steps when fewer than T."""
+    """The schedule the sampler walks: cfg's, respaced to the sampler's stops for sampling.steps
+    network evaluations when fewer than T."""
     s = cfg["sampling"]
     sched = Schedule.from_config(cfg["diffusion"])
-    if s["steps"] and s["steps"] < sched.T:
-        sched = sched.respace(spaced_timesteps(sched.T, s["steps"], s["spacing"]))
+    stops = sampler_stops(s["sampler"], s["steps"])
+    if stops and stops < sched.T:
+        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"]))
     return sched
 
 

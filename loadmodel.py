@@ -49,7 +49,8 @@ def digit_choice(text):
     return int(text)
 
 
-ETA_HELP = "ddim and dpm++ noise: 0 deterministic (the ODE), 1 DDPM-like (default: the checkpoint's)"
+ETA_HELP = ("ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like or, for heun, EDM's most "
+            "churn (default: the checkpoint's)")
 INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI], "
                  "w = 1 elsewhere (default: the checkpoint's; none: everywhere)")
 
@@ -65,7 +66,7 @@ def parse_args(argv=None):
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default: the checkpoint's")
+    parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)

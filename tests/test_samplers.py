@@ -73,6 +73,58 @@ def test_sde_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_heun_recovers_gaussian_data_in_eleven_stops(eta, prediction):
+    """EDM's sampler at 20 evaluations, deterministic (Heun on the ODE) and with the most churn."""
+    full = Schedule(helper.cosine_betas(1000))
+    samples = helper.heun_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), full, prediction,
+                                 eta=eta, generator=torch.Generator().manual_seed(1), progress=False,
+                                 stops=helper.spaced_timesteps(1000, 11, "trailing"))
+    assert samples.mean().item() == pytest.approx(MU, abs=0.02)
+    assert samples.std().item() == pytest.approx(STD, rel=0.05)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a network and records the timesteps of every call."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.calls = network, []
+
+    def forward(self, x_t, t):
+        self.calls.append(int(t[0]))
+        return self.network(x_t, t)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_heun_spends_two_evaluations_per_stop_and_churns_between_levels(eta):
+    """sampling.steps = 20 gives heun 11 stops and 20 evaluations: one at the top stop, two at
+    each of the next nine (the second, Heun's correction, at the next stop down), one at the last.
+    With churn the first evaluation at a stop sits at a noisier level sigma_hat ~ sqrt(2) sigma,
+    without it at the stop itself."""
+    cfg = helper.get_config("smoke")
+    cfg = helper.merge_config(cfg, {"diffusion": {"T": 1000, "schedule": "cosine"},
+                                    "sampling": {"sampler": "heun", "steps": 20, "eta": eta}})
+    sched = helper.sampling_schedule(cfg)
+    stops = helper.spaced_timesteps(1000, 11, "trailing")
+    assert sched.timesteps.tolist() == stops
+    model = Recorder(OptimalGaussianDenoiser(Schedule.from_config(cfg["diffusion"]), "eps"))
+    helper.run_sampler(model, x_T(8).float(), sched, cfg, torch.Generator().manual_seed(0), progress=False)
+    assert len(model.calls) == 20
+    assert model.calls[0] == stops[-1] == 999  # the top: no level above it to churn to
+    corrections = model.calls[2:-1:2]  # Heun's evaluations, each at the next stop down
+    assert corrections == stops[-3::-1]
+    sigmas = Schedule.from_config(cfg["diffusion"]).snr().rsqrt()
+    churned = model.calls[1::2]  # the first evaluation at every stop below the top
+    if eta == 0:
+        assert churned == stops[-2::-1]
+    else:
+        for level, stop in zip(churned, stops[-2::-1]):
+            assert level > stop
+            assert (sigmas[level] / sigmas[stop]).item() == pytest.approx(2 ** 0.5, rel=0.02)
+
+
 def test_sde_dpm_solver_pp_first_order_step_is_ddpm_with_beta_tilde():
     """On two steps both updates of SDE-DPM-Solver++ are first order, so with eta = 1 it is
     DDPM Algorithm 2 with sigma^2 = beta_tilde, noise draw for noise draw."""
@@ -85,7 +137,7 @@ def test_sde_dpm_solver_pp_first_order_step_is_ddpm_with_beta_tilde():
     torch.testing.assert_close(sde, ddpm, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", [helper.ddim_sample, helper.dpm_solver_pp_sample])
+@pytest.mark.parametrize("sampler", [helper.ddim_sample, helper.dpm_solver_pp_sample, helper.heun_sample])
 def test_stochastic_samplers_without_noise_are_their_deterministic_solvers(sampler):
     """eta = 0 ignores the generator; eta > 0 uses it."""
     full, sched = respaced(100, 10)
