@@ -22,8 +22,9 @@ import helper
 from helper import UserError
 from loadmodel import ETA_HELP, INTERVAL_HELP, load_ema_model, output_folder, with_sampling_flags
 
+# (sampler, network evaluations); 0: the full chain of T steps
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
-         ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]  # steps 0 = the full chain of T steps
+         ("heun", 10), ("heun", 20), ("ddpm", 20), ("ddpm", 50), ("ddpm", 100), ("ddpm", 0)]
 CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax probability exceeds this
 
 

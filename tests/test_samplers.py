@@ -194,3 +194,9 @@ def test_spacings_place_the_requested_steps():
     quadratic = helper.spaced_timesteps(1000, 10, "quadratic")
     assert quadratic[0] == 0 and quadratic[-1] == 999 and quadratic[1] < 100
     assert helper.spaced_timesteps(50, 50, "trailing") == list(range(50))
+
+
+def test_heun_is_refused_where_sampling_starts_at_infinite_sigma():
+    with pytest.raises(helper.UserError, match="sigma = infinity"):
+        helper.with_sampling(helper.get_config("paper-zero-snr"), sampler="heun")
+    helper.with_sampling(helper.get_config("paper"), sampler="heun")  # alpha_bar_T > 0: fine

@@ -272,7 +272,8 @@ def test_loadmodel_writes_figures_and_npz(trained, tmp_path):
     assert samples.shape == (5, 28, 28, 1) and samples.dtype == np.uint8
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddpm", "0"), ("ddim", "0"), ("dpm++", "0"), ("ddim", "1"), ("dpm++", "1")])
+@pytest.mark.parametrize("sampler, eta", [("ddpm", "0"), ("ddim", "0"), ("dpm++", "0"), ("heun", "0"), ("ddim", "1"),
+                                          ("dpm++", "1"), ("heun", "1")])
 def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler, eta):
     loadmodel.main([str(trained / "ckpt.pt"), "--sampler", sampler, "--steps", "5", "--eta", eta,
                     "--num-samples", "2", "--out", str(tmp_path)])
@@ -280,7 +281,8 @@ def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler, 
 
 
 @pytest.mark.parametrize("flags, fragment", [(["--steps", "21"], "sampling.steps must be in [0, T=20]"),
-                                             (["--eta", "-1"], "sampling.eta must not be negative")])
+                                             (["--eta", "-1"], "sampling.eta must not be negative"),
+                                             (["--sampler", "heun", "--eta", "2"], "heun sampler's eta must be in [0, 1]")])
 def test_loadmodel_refuses_bad_sampling_flags(trained, flags, fragment):
     code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), *flags)
     assert_one_line_error(code, stderr, fragment)
