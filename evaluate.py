@@ -326,9 +326,7 @@ def main(argv=None):
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
-                nfe = steps or cfg["diffusion"]["T"]
-                if sampler == "heun":  # two evaluations per stop, one at the first and the last
-                    nfe = max(1, 2 * helper.sampler_stops(sampler, nfe) - 2)
+                nfe = helper.sampler_evaluations(sampler, helper.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
                 if args.ema is not None:

@@ -628,8 +628,13 @@ def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=
 
 def sampler_stops(sampler, steps):
     """How many levels a sampler stops at for `steps` network evaluations: one evaluation per
-    level, but heun's two except at its first and last, so 2 n - 2 <= steps."""
+    level, but heun's two except at its first and last (sampler_evaluations)."""
     return steps // 2 + 1 if sampler == "heun" else steps
+
+
+def sampler_evaluations(sampler, stops):
+    """Network evaluations of a sampler on `stops` levels: heun_sample's 2 n - 2 (one for n = 1)."""
+    return max(1, 2 * stops - 2) if sampler == "heun" else stops
 
 
 def sampling_schedule(cfg):

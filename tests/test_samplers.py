@@ -111,7 +111,7 @@ def test_heun_spends_two_evaluations_per_stop_and_churns_between_levels(eta):
     assert sched.timesteps.tolist() == stops
     model = Recorder(OptimalGaussianDenoiser(Schedule.from_config(cfg["diffusion"]), "eps"))
     helper.run_sampler(model, x_T(8).float(), sched, cfg, torch.Generator().manual_seed(0), progress=False)
-    assert len(model.calls) == 20
+    assert len(model.calls) == 20 == helper.sampler_evaluations("heun", len(stops))
     assert model.calls[0] == stops[-1] == 999  # the top: no level above it to churn to
     corrections = model.calls[2:-1:2]  # Heun's evaluations, each at the next stop down
     assert corrections == stops[-3::-1]
