@@ -10,9 +10,9 @@ class AttnBlock(nn.Module):
     """x + proj_out(softmax(q k^T / sqrt(C)) v), q, k, v from 1x1 convs of GroupNorm(x).
     (B, C, H, W) -> (B, C, H, W)."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, group_channels=4):
         super().__init__()
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, group_channels)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)

@@ -32,6 +32,7 @@ config = {
         "dropout": 0.1,            # inside every ResnetBlock, before its second conv
         "resamp_with_conv": True,  # strided conv down / conv after nearest-neighbour up
         "num_classes": 0,          # 0: unconditional; 10: class-conditional on the MNIST digit
+        "norm_group_channels": 4,  # channels per GroupNorm group (at most 32 groups per layer)
     },
     "diffusion": {
         "T": 50,                   # number of diffusion steps
@@ -179,7 +180,8 @@ def validate_config(cfg):
           "training steps/epochs/minutes must not be negative")
     for key in ("ch_mult", "attn_resolutions"):
         check(all(type(k) is int and k > 0 for k in m[key]), f"model.{key} must be a list of positive ints")
-    check(m["ch"] % 4 == 0, "model.ch must be a multiple of 4 (GroupNorm groups of 4+ channels)")
+    check(m["norm_group_channels"] > 0 and m["ch"] % m["norm_group_channels"] == 0,
+          "model.ch must be a multiple of model.norm_group_channels (channels per GroupNorm group)")
     check(len(m["ch_mult"]) > 0, "model.ch_mult must not be empty")
     check(cfg["data"]["image_size"] % 2 ** (len(m["ch_mult"]) - 1) == 0,
           f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")

@@ -19,10 +19,11 @@ class Model(nn.Module):
     a learned embedding of y is added to the time embedding."""
 
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-                 in_channels, resolution, num_classes=0):
+                 in_channels, resolution, num_classes=0, norm_group_channels=4):
         super().__init__()
         self.ch, self.num_res_blocks, self.num_resolutions = ch, num_res_blocks, len(ch_mult)
         self.num_classes = num_classes
+        gc = norm_group_channels  # channels per GroupNorm group
         self.temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, self.temb_ch), nn.SiLU(), nn.Linear(self.temb_ch, self.temb_ch))
         if num_classes > 0:
@@ -36,10 +37,10 @@ class Model(nn.Module):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, self.temb_ch, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, self.temb_ch, dropout, group_channels=gc))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, gc))
                 skip_channels.append(block_in)
             if i_level != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in, resamp_with_conv)
@@ -48,25 +49,26 @@ class Model(nn.Module):
             self.down.append(level)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, self.temb_ch, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, self.temb_ch, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, self.temb_ch, dropout, group_channels=gc)
+        self.mid.attn_1 = AttnBlock(block_in, gc)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, self.temb_ch, dropout, group_channels=gc)
 
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in + skip_channels.pop(), widths[i_level], self.temb_ch, dropout))
+                level.block.append(ResnetBlock(block_in + skip_channels.pop(), widths[i_level], self.temb_ch, dropout,
+                                               group_channels=gc))
                 block_in = widths[i_level]
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, gc))
             if i_level != 0:
                 level.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res *= 2
             self.up.insert(0, level)  # keep self.up[i_level] indexed like self.down
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, gc)
         self.conv_out = nn.Conv2d(block_in, in_channels, 3, padding=1)
 
     @classmethod

@@ -11,23 +11,24 @@ def nonlinearity(x):
     return torch.nn.functional.silu(x)
 
 
-def Normalize(channels):
-    """GroupNorm with 32 groups of at least 4 channels each (fewer groups for narrow layers).
-    A group of one channel would subtract away the per-channel time embedding added before it."""
-    return nn.GroupNorm(num_groups=math.gcd(32, channels // 4), num_channels=channels, eps=1e-6)
+def Normalize(channels, group_channels=4):
+    """GroupNorm with at most 32 groups of at least group_channels channels each (fewer, wider
+    groups for narrow layers). A group of one channel would subtract away the per-channel time
+    embedding added before it."""
+    return nn.GroupNorm(num_groups=math.gcd(32, channels // group_channels), num_channels=channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """x -> GN, swish, conv3x3, + proj(temb) -> GN, swish, dropout, conv3x3 -> + shortcut(x).
     x: (B, C_in, H, W), temb: (B, temb_ch) -> (B, C_out, H, W)."""
 
-    def __init__(self, in_channels, out_channels, temb_channels, dropout, conv_shortcut=False):
+    def __init__(self, in_channels, out_channels, temb_channels, dropout, conv_shortcut=False, group_channels=4):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, group_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:

@@ -202,6 +202,7 @@ def damaged_configs():
     return [("model", "ch", "16"), ("model", "ch", -4), ("model", "ch", 17), ("model", "ch_mult", "12"),
             ("model", "ch_mult", ["a"]), ("model", "ch_mult", [1.5]), ("model", "ch_mult", []),
             ("model", "attn_resolutions", 14), ("model", "attn_resolutions", [None]), ("model", "dropout", 2.0),
+            ("model", "norm_group_channels", 0), ("model", "norm_group_channels", 3),
             ("model", "num_classes", 10), ("model", "ch", 32), ("model", "heads", 4), ("diffusion", "T", 0),
             ("diffusion", "prediction", "score"), ("diffusion", "schedule", None), ("sampling", "steps", 10 ** 6),
             ("training", "bf16", True), ("data", "image_size", 30), ("sampling", "guidance", -1.0)]

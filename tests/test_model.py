@@ -47,6 +47,16 @@ def test_paper_unet_has_the_reports_size():
     assert 90 < megabytes < 105  # report §6: the checkpoint "weighs in at ~98 MB"
 
 
+@pytest.mark.parametrize("group_channels, expected", [(4, {32: 4, 64: 4, 96: 12, 128: 4}),
+                                                      (8, {32: 8, 64: 8, 96: 24, 128: 8})])
+def test_groupnorm_groups_hold_norm_group_channels(group_channels, expected):
+    """The cpu preset's widths 32 and 64, and the up path's concatenations of 96 and 128 channels:
+    at most 32 groups, so 96 channels form 8 or 4 wider groups."""
+    cfg = helper.merge_config(helper.get_config("cpu"), {"model": {"norm_group_channels": group_channels}})
+    norms = [m for m in Model.from_config(cfg).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert {m.num_channels: m.num_channels // m.num_groups for m in norms} == expected
+
+
 def test_attention_matches_explicit_bmm_reference():
     torch.manual_seed(0)
     block = AttnBlock(16)
