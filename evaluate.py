@@ -258,6 +258,8 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
+    parser.add_argument("--spacing", choices=helper.SPACINGS,
+                        help="which levels a sampler of fewer than T steps keeps (default: the checkpoint's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
     parser.add_argument("--ema", type=float, metavar="DECAY",
                         help="score the EMA of this decay, one of training.extra_ema_decays (default: ema_decay's)")
@@ -284,9 +286,9 @@ def main(argv=None):
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
     if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None
-                   or args.guidance_interval or args.ema is not None):
-        raise UserError("--sweep, --sampler, --steps, --eta, --ema and --guidance(-interval) need a checkpoint, "
-                        "not an .npz")
+                   or args.spacing or args.guidance_interval or args.ema is not None):
+        raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema and --guidance(-interval) need "
+                        "a checkpoint, not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
@@ -297,7 +299,8 @@ def main(argv=None):
         labels = torch.arange(10).repeat_interleave(args.num_samples // 10)
     guidances = args.guidance or [None]
     if not is_npz:
-        cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta)
+        cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
+                                  spacing=args.spacing)
     classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
@@ -335,6 +338,9 @@ def main(argv=None):
                 if sampler != "ddpm" and cfg["sampling"]["eta"] > 0:
                     row["eta"] = cfg["sampling"]["eta"]
                     row["name"] += f", eta = {row['eta']:g}"
+                if cfg["sampling"]["spacing"] != helper.config["sampling"]["spacing"]:
+                    row["spacing"] = cfg["sampling"]["spacing"]
+                    row["name"] += f", {row['spacing']} spacing"
                 if labels is not None:
                     row["guidance"] = row_cfg["sampling"]["guidance"]
                     row["name"] += f", w = {row['guidance']:g}"

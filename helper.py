@@ -75,7 +75,7 @@ config = {
     "sampling": {
         "sampler": "ddpm",         # ddpm (ancestral, report §5), ddim, dpm++ (DPM-Solver++(2M)) or heun (EDM's)
         "steps": 0,                # network evaluations; fewer than T respaces the schedule; 0 = T
-        "spacing": "trailing",     # which steps are kept: trailing, uniform or quadratic
+        "spacing": "trailing",     # which steps are kept: trailing, uniform, quadratic or karras (EDM's)
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
         "eta": 0.0,                # ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like
                                    # (heun: the most churn EDM allows)
@@ -120,6 +120,7 @@ presets = {
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
+SPACINGS = ("trailing", "uniform", "quadratic", "karras")
 
 
 class UserError(Exception):
@@ -204,7 +205,7 @@ def validate_config(cfg):
     check(not (s["sampler"] == "heun" and d["zero_terminal_snr"]),
           "the heun sampler cannot start at sigma = infinity (zero_terminal_snr): use ddim or dpm++")
     check(not (s["sampler"] == "heun" and s["eta"] > 1), "the heun sampler's eta must be in [0, 1]")
-    check(s["spacing"] in ("trailing", "uniform", "quadratic"), f"unknown spacing '{s['spacing']}'")
+    check(s["spacing"] in SPACINGS, f"unknown spacing '{s['spacing']}'")
     check(s["eta"] >= 0, "sampling.eta must not be negative")
     check(s["guidance"] >= 0, f"sampling.guidance must not be negative, got {s['guidance']}")
     interval = s["guidance_interval"]
@@ -317,6 +318,20 @@ def spaced_timesteps(T, steps, spacing):
     keep = sorted(set(keep))
     if len(keep) < steps:
         raise UserError(f"{spacing} spacing cannot place {steps} distinct steps in T={T}")
+    return keep
+
+
+def karras_timesteps(sched, steps, rho=7.0, sigma_max=80.0):
+    """EDM's discretisation (Karras et al. 2022 eq. 5) on the levels of sched, ascending: T-1,
+    where x_T lives, and the levels nearest, in log sigma,
+        sigma_i = (sigma_max^(1/rho) + i / (steps - 2) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0 .. steps - 2, with sigma_min the lowest level's; rho = 7 and sigma_max = 80 are EDM's."""
+    sigmas = sched.snr().rsqrt()
+    hi, lo = sigma_max ** (1 / rho), sigmas[0].item() ** (1 / rho)
+    targets = [(hi + i / max(1, steps - 2) * (lo - hi)) ** rho for i in range(steps - 1)]
+    keep = sorted({nearest_level(sigmas, sigma) for sigma in targets} | {sched.T - 1})
+    if len(keep) < steps:
+        raise UserError(f"karras spacing cannot place {steps} distinct steps in T={sched.T}")
     return keep
 
 
@@ -646,7 +661,8 @@ def sampling_schedule(cfg):
     sched = Schedule.from_config(cfg["diffusion"])
     stops = sampler_stops(s["sampler"], s["steps"])
     if stops and stops < sched.T:
-        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"]))
+        sched = sched.respace(karras_timesteps(sched, stops) if s["spacing"] == "karras"
+                              else spaced_timesteps(sched.T, stops, s["spacing"]))
     return sched
 
 
