@@ -306,11 +306,14 @@ class Schedule:
         return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype), append=torch.ones(1, dtype=cdf.dtype))
 
 
-def spaced_timesteps(T, steps, spacing):
+def spaced_timesteps(T, steps, spacing, sigmas=None):
     """`steps` of the T timestep indices, ascending. trailing: evenly spaced and ending at T-1,
     where x_T lives (Lin et al. 2024 Table 2); uniform: evenly spaced from 0 (DDIM's "linear");
-    quadratic: denser near t = 0 (DDIM's CIFAR-10 choice), one index apart at least."""
-    if spacing == "trailing":
+    quadratic: denser near t = 0 (DDIM's CIFAR-10 choice), one index apart at least; karras:
+    EDM's (karras_timesteps) on the levels of noise sigmas (T,)."""
+    if spacing == "karras":
+        keep = karras_timesteps(sigmas, steps)
+    elif spacing == "trailing":
         keep = [round(T - i * T / steps) - 1 for i in range(steps)]
     elif spacing == "uniform":
         keep = [round(i * T / steps) for i in range(steps)]
@@ -322,18 +325,15 @@ def spaced_timesteps(T, steps, spacing):
     return keep
 
 
-def karras_timesteps(sched, steps, rho=7.0, sigma_max=80.0):
-    """EDM's discretisation (Karras et al. 2022 eq. 5) on the levels of sched, ascending: T-1,
-    where x_T lives, and the levels nearest, in log sigma,
+def karras_timesteps(sigmas, steps, rho=7.0, sigma_max=80.0):
+    """EDM's discretisation (Karras et al. 2022 eq. 5) on the levels of noise sigmas (T,):
+    T-1, where x_T lives, and the levels nearest, in log sigma,
         sigma_i = (sigma_max^(1/rho) + i / (steps - 2) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0 .. steps - 2, with sigma_min the lowest level's; rho = 7 and sigma_max = 80 are EDM's."""
-    sigmas = sched.snr().rsqrt()
+    i = 0 .. steps - 2, with sigma_min the lowest level's; rho = 7 and sigma_max = 80 are EDM's.
+    Levels that two sigma_i share are kept once (spaced_timesteps refuses too few)."""
     hi, lo = sigma_max ** (1 / rho), sigmas[0].item() ** (1 / rho)
     targets = [(hi + i / max(1, steps - 2) * (lo - hi)) ** rho for i in range(steps - 1)]
-    keep = sorted({nearest_level(sigmas, sigma) for sigma in targets} | {sched.T - 1})
-    if len(keep) < steps:
-        raise UserError(f"karras spacing cannot place {steps} distinct steps in T={sched.T}")
-    return keep
+    return [nearest_level(sigmas, sigma) for sigma in targets] + [len(sigmas) - 1]
 
 
 def extract(values, t, shape):
@@ -662,8 +662,7 @@ def sampling_schedule(cfg):
     sched = Schedule.from_config(cfg["diffusion"])
     stops = sampler_stops(s["sampler"], s["steps"])
     if stops and stops < sched.T:
-        sched = sched.respace(karras_timesteps(sched, stops) if s["spacing"] == "karras"
-                              else spaced_timesteps(sched.T, stops, s["spacing"]))
+        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.snr().rsqrt()))
     return sched
 
 

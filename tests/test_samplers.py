@@ -200,9 +200,9 @@ def test_karras_spacing_follows_edm_eq5_on_the_levels():
     """The cosine schedule's levels nearest EDM's sigma_i for 11 stops: T-1, then 80 down to the
     lowest level's sigma (0.0064), each within 4% of its target."""
     full = Schedule(helper.cosine_betas(1000))
-    keep = helper.karras_timesteps(full, 11)
-    assert keep == [0, 20, 117, 377, 697, 870, 941, 971, 984, 991, 999]
     sigmas = full.snr().rsqrt()
+    keep = helper.spaced_timesteps(1000, 11, "karras", sigmas)
+    assert keep == [0, 20, 117, 377, 697, 870, 941, 971, 984, 991, 999]
     rho, hi, lo = 7, 80 ** (1 / 7), sigmas[0].item() ** (1 / 7)
     targets = [(hi + i / 9 * (lo - hi)) ** rho for i in range(10)]
     for level, target in zip(keep[-2::-1], targets):
@@ -210,7 +210,7 @@ def test_karras_spacing_follows_edm_eq5_on_the_levels():
     cfg = helper.merge_config(helper.get_config("cpu"), {"sampling": {"spacing": "karras"}})
     assert helper.sampling_schedule(cfg).timesteps.tolist() == keep  # heun's 20 evaluations: 11 stops
     with pytest.raises(helper.UserError, match="karras spacing cannot place 30 distinct steps in T=20"):
-        helper.karras_timesteps(Schedule(helper.cosine_betas(20)), 30)
+        helper.spaced_timesteps(20, 30, "karras", Schedule(helper.cosine_betas(20)).snr().rsqrt())
 
 
 def test_heun_is_refused_where_sampling_starts_at_infinite_sigma():
