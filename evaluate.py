@@ -3,7 +3,8 @@ classifier: FID, improved precision and recall (k = 3), predicted-class histogra
 share of confidently classified samples, beside the MNIST train-vs-test floor.
 
     python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--eta E] [--num-samples N] [--seed S]
-                       [--guidance W[,W...]] [--guidance-interval LO HI] [--ema DECAY] [--no-compile]
+                       [--guidance W[,W...]] [--guidance-interval LO HI] [--labels train|uniform]
+                       [--ema DECAY] [--no-compile]
                        [--data-root DIR] [--json PATH]
     python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
 """
@@ -139,6 +140,18 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
+def requested_labels(how, train_labels, n):
+    """The digit each of n samples of a conditional model asks for, (n,) int64 in digit order:
+    each digit in its share p(y) of the training labels ("train"), so that the samples are draws
+    of p(x) = sum_y p(y) p(x | y) as the test set's digits are, or a tenth of each ("uniform",
+    which costs real digits about 0.5 FID at n = 10,000). Largest remainders round up."""
+    weights = torch.ones(10, dtype=torch.long) if how == "uniform" else \
+        torch.bincount(torch.as_tensor(train_labels), minlength=10)
+    counts, remainders = n * weights // weights.sum(), n * weights % weights.sum()
+    counts[torch.argsort(remainders, descending=True, stable=True)[:n - counts.sum()]] += 1
+    return torch.arange(10).repeat_interleave(counts)
+
+
 def score(classifier, digits, reference, labels=None, seed=0):
     """Every metric of uint8 digits (N, 28, 28, 1) against reference features (M, 128); with the
     requested labels (N,), also the share the classifier assigns to the requested digit."""
@@ -268,7 +281,10 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
     parser.add_argument("--guidance", type=guidance_list,
                         help="conditional checkpoints: guidance weights w to score, comma-separated, e.g. "
-                             "0,1,2 (default: the checkpoint's); the samples ask for N/10 of each digit")
+                             "0,1,2 (default: the checkpoint's)")
+    parser.add_argument("--labels", choices=("train", "uniform"),
+                        help="conditional checkpoints: ask for each digit in its share of the training set "
+                             "(default), or for a tenth of each")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="sample with the compiled network (sampling.compile; default: on, since "
                              "thousands of network evaluations repay its compilation)")
@@ -286,17 +302,12 @@ def main(argv=None):
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
     if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None
-                   or args.spacing or args.guidance_interval or args.ema is not None):
-        raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema and --guidance(-interval) need "
-                        "a checkpoint, not an .npz")
+                   or args.spacing or args.guidance_interval or args.ema is not None or args.labels):
+        raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema, --labels and --guidance(-interval) "
+                        "need a checkpoint, not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
-    if not is_npz and cfg["model"]["num_classes"]:
-        if args.num_samples % 10:
-            raise UserError(f"a conditional checkpoint is scored on N/10 of each digit: --num-samples must be "
-                            f"a multiple of 10, got {args.num_samples}")
-        labels = torch.arange(10).repeat_interleave(args.num_samples // 10)
     guidances = args.guidance or [None]
     if not is_npz:
         cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
@@ -305,7 +316,9 @@ def main(argv=None):
     print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
     test_digits, _ = mnist_digits(args.data_root, train=False)
     reference, _ = classify(classifier, test_digits)
-    train_digits, _ = mnist_digits(args.data_root, train=True)
+    train_digits, train_labels = mnist_digits(args.data_root, train=True)
+    if not is_npz and cfg["model"]["num_classes"]:
+        labels = requested_labels(args.labels or "train", train_labels, args.num_samples)
     n = len(digits) if is_npz else args.num_samples
     pick = torch.randperm(len(train_digits), generator=torch.Generator().manual_seed(args.seed))[:min(n, 10000)]
     rows = [{"name": f"MNIST train ({len(pick)}) vs test", **score(classifier, train_digits[pick.numpy()], reference)}]
@@ -347,6 +360,9 @@ def main(argv=None):
                     if row_cfg["sampling"]["guidance_interval"]:
                         row["guidance_interval"] = lo, hi = row_cfg["sampling"]["guidance_interval"]
                         row["name"] += f" for sigma in ({lo:g}, {hi:g}]"
+                    if args.labels == "uniform":
+                        row["labels"] = "uniform"
+                        row["name"] += ", N/10 of each digit"
                 rows.append({**row, **score(classifier, samples, reference, labels)})
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 

@@ -253,11 +253,13 @@ def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run
                                                                  tmp_path):
     evaluate.main([str(conditional_run / "ckpt.pt"), "--num-samples", "20", "--guidance", "0,2", "--steps", "3",
                    "--guidance-interval", "0.5", "20", "--sampler", "dpm++", "--eta", "1", "--spacing", "quadratic",
-                   "--no-compile", "--data-root", mnist_root, "--classifier", str(classifier_file[0]),
+                   "--labels", "uniform", "--no-compile", "--data-root", mnist_root,
+                   "--classifier", str(classifier_file[0]),
                    "--out", str(tmp_path), "--json", str(tmp_path / "eval.json")])
     rows = __import__("json").load(open(tmp_path / "eval.json"))["rows"]
     assert [row.get("guidance") for row in rows] == [None, 0.0, 2.0]
-    assert rows[2]["name"] == "dpm++, 3 steps, eta = 1, quadratic spacing, w = 2 for sigma in (0.5, 20]"
+    assert rows[2]["name"] == ("dpm++, 3 steps, eta = 1, quadratic spacing, w = 2 for sigma in (0.5, 20], "
+                               "N/10 of each digit")
     assert all(0 <= row["accuracy"] <= 1 for row in rows[1:])
     assert (tmp_path / "guidance.png").stat().st_size > 0
 

@@ -46,6 +46,18 @@ def test_precision_recall_see_a_dropped_mode():
     assert precision > 0.8 and 0.4 < recall <= 0.5
 
 
+@pytest.mark.parametrize("n", [10000, 2000, 37, 1])
+def test_requested_labels_follow_the_training_shares_and_sum_to_n(n):
+    train_labels = torch.arange(10).repeat_interleave(torch.tensor([5, 11, 9, 10, 10, 8, 10, 12, 15, 10]))
+    share = torch.bincount(train_labels) / len(train_labels)
+    labels = evaluate.requested_labels("train", train_labels, n)
+    counts = torch.bincount(labels, minlength=10)
+    assert len(labels) == n and torch.equal(labels, labels.sort().values)  # digit order
+    assert ((counts - n * share).abs() < 1).all()  # each count rounds n p(y) down or up
+    uniform = torch.bincount(evaluate.requested_labels("uniform", train_labels, n), minlength=10)
+    assert uniform.sum() == n and uniform.max() - uniform.min() <= 1
+
+
 @pytest.mark.parametrize("array, fragment", [
     (np.zeros((4, 28, 28, 1), np.float32), "must be uint8"),
     (np.zeros((4, 28, 28), np.uint8), "must be uint8 of shape"),
