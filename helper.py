@@ -97,8 +97,9 @@ presets = {
     "paper-zero-snr": {"diffusion": {"zero_terminal_snr": True, "prediction": "v"}},
     # Best samples a 2-core CPU gets from `python main.py` in 30 minutes; see README. Conditional:
     # with guidance it scores FID 10.2 against 31.5 unconditional, same budget (docs/control.md);
-    # sampled with EDM's stochastic sampler, most churn, at w = 1.25; one res block per level and
-    # attention at the bottleneck only, which buy more steps than they cost (docs/quality.md).
+    # sampled with EDM's stochastic sampler, most churn, at w = 1.1 (FID against precision); one
+    # res block per level and attention at the bottleneck only, which buy more steps than they
+    # cost (docs/quality.md).
     "cpu": {
         "model": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
                   "attn_resolutions": [], "dropout": 0.0, "num_classes": 10},
@@ -106,7 +107,7 @@ presets = {
         "training": {"batch_size": 128, "minutes": 30.0, "optimizer": "adamw", "lr": 2e-3,
                      "warmup_steps": 100, "lr_decay": "cosine", "grad_clip": 1.0,
                      "ema_decay": 0.995, "min_snr_gamma": 5.0, "compile": True, "checkpoint_every": 250},
-        "sampling": {"sampler": "heun", "steps": 20, "eta": 1.0, "guidance": 1.25, "clip_x0": True},
+        "sampling": {"sampler": "heun", "steps": 20, "eta": 1.0, "guidance": 1.1, "clip_x0": True},
     },
     # Seconds-long runs for tests.
     "smoke": {
