@@ -144,7 +144,7 @@ def requested_labels(how, train_labels, n):
     """The digit each of n samples of a conditional model asks for, (n,) int64 in digit order:
     each digit in its share p(y) of the training labels ("train"), so that the samples are draws
     of p(x) = sum_y p(y) p(x | y) as the test set's digits are, or a tenth of each ("uniform",
-    which costs real digits about 0.5 FID at n = 10,000). Largest remainders round up."""
+    which costs real digits about 0.7 FID at n = 10,000). Largest remainders round up."""
     weights = torch.ones(10, dtype=torch.long) if how == "uniform" else \
         torch.bincount(torch.as_tensor(train_labels), minlength=10)
     counts, remainders = n * weights // weights.sum(), n * weights % weights.sum()
@@ -308,6 +308,8 @@ def main(argv=None):
     digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = helper.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
+    if args.labels and not cfg["model"]["num_classes"]:
+        raise UserError("--labels needs a conditional checkpoint (python main.py --conditional); this one is not")
     guidances = args.guidance or [None]
     if not is_npz:
         cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,

@@ -284,6 +284,7 @@ def unconditional_run(tmp_path_factory, mnist_root):
     (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 test digits"),
     (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 test digits"),
     (["evaluate.py", "COND", "--guidance", "1,-2"], "guidance must not be negative"),
+    (["evaluate.py", "UNCOND", "--labels", "uniform"], "--labels needs a conditional checkpoint"),
     (["loadmodel.py", "COND", "--guidance-interval", "2", "1"], "guidance_interval must be [] or [lo, hi]"),
     (["loadmodel.py", "UNCOND", "--guidance-interval", "0.3", "5"], "--guidance needs a conditional checkpoint"),
 ])
