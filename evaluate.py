@@ -140,7 +140,7 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-def requested_labels(how, train_labels, n):
+def digit_mix(how, train_labels, n):
     """The digit each of n samples of a conditional model asks for, (n,) int64 in digit order:
     each digit in its share p(y) of the training labels ("train"), so that the samples are draws
     of p(x) = sum_y p(y) p(x | y) as the test set's digits are, or a tenth of each ("uniform",
@@ -320,7 +320,7 @@ def main(argv=None):
     reference, _ = classify(classifier, test_digits)
     train_digits, train_labels = mnist_digits(args.data_root, train=True)
     if not is_npz and cfg["model"]["num_classes"]:
-        labels = requested_labels(args.labels or "train", train_labels, args.num_samples)
+        labels = digit_mix(args.labels or "train", train_labels, args.num_samples)
     n = len(digits) if is_npz else args.num_samples
     pick = torch.randperm(len(train_digits), generator=torch.Generator().manual_seed(args.seed))[:min(n, 10000)]
     rows = [{"name": f"MNIST train ({len(pick)}) vs test", **score(classifier, train_digits[pick.numpy()], reference)}]

@@ -47,14 +47,14 @@ def test_precision_recall_see_a_dropped_mode():
 
 
 @pytest.mark.parametrize("n", [10000, 2000, 37, 1])
-def test_requested_labels_follow_the_training_shares_and_sum_to_n(n):
+def test_digit_mix_follows_the_training_shares_and_sums_to_n(n):
     train_labels = torch.arange(10).repeat_interleave(torch.tensor([5, 11, 9, 10, 10, 8, 10, 12, 15, 10]))
     share = torch.bincount(train_labels) / len(train_labels)
-    labels = evaluate.requested_labels("train", train_labels, n)
+    labels = evaluate.digit_mix("train", train_labels, n)
     counts = torch.bincount(labels, minlength=10)
     assert len(labels) == n and torch.equal(labels, labels.sort().values)  # digit order
     assert ((counts - n * share).abs() < 1).all()  # each count rounds n p(y) down or up
-    uniform = torch.bincount(evaluate.requested_labels("uniform", train_labels, n), minlength=10)
+    uniform = torch.bincount(evaluate.digit_mix("uniform", train_labels, n), minlength=10)
     assert uniform.sum() == n and uniform.max() - uniform.min() <= 1
 
 
