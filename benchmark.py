@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 import helper
+import runs
 from helper import UserError
 
 # name -> (bf16 autocast, channels_last, torch.compile, inductor's own layouts)
@@ -124,7 +125,7 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
     torch.manual_seed(0)
     model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = helper.compile_network(model, layouts=layouts) if compile_model else model
+    network = runs.compile_network(model, layouts=layouts) if compile_model else model
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = main.make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(0)
@@ -135,11 +136,11 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
         main.train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 100, *y)
 
     inputs = network_inputs(cfg, sample_batch, device, sched.T // 2)
-    sampler_network = helper.compile_network(ema.eval(), frozen=True, layouts=layouts) if compile_model else ema.eval()
+    sampler_network = runs.compile_network(ema.eval(), frozen=True, layouts=layouts) if compile_model else ema.eval()
 
     @torch.no_grad()
-    def sample_step():  # one network evaluation of helper.sample, compiled as sampling.compile does
-        with helper.autocast(device, bf16):
+    def sample_step():  # one network evaluation of runs.sample, compiled as sampling.compile does
+        with runs.autocast(device, bf16):
             sampler_network(*inputs)
 
     start = time.perf_counter()
@@ -162,10 +163,10 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="cpu", help="whose U-Net and batch size (default: cpu)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--sample-batch", type=helper.positive_int, default=256, help="batch of sampling steps")
+    parser.add_argument("--sample-batch", type=runs.positive_int, default=256, help="batch of sampling steps")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
     parser.add_argument("--json", help="also write the numbers as JSON here")
     parser.add_argument("--profile", action="store_true", help="also print where a training step spends its time")
@@ -175,7 +176,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = helper.get_config(args.preset)
-    device = helper.resolve_device(args.device)
+    device = runs.resolve_device(args.device)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -222,4 +223,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

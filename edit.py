@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import helper
+import runs
 from helper import UserError
 from loadmodel import (default_checkpoint, digit_choice, load_ema_model, output_folder, requested_labels,
                        with_sampling_flags)
@@ -94,38 +95,29 @@ def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
 
 
 def inpaint(args, model, cfg, device, out):
-    images, labels = helper.load_mnist(args.data_root, train=False)
+    images, labels = runs.load_mnist(args.data_root, train=False)
     if not 0 <= args.index or args.index + args.count > len(images):
         raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} test digits")
     size, K = cfg["data"]["image_size"], args.num_samples
-    originals = helper.to_model_range(images[args.index:args.index + args.count], size)  # (count, 1, S, S)
+    originals = runs.to_model_range(images[args.index:args.index + args.count], size)  # (count, 1, S, S)
     known = region_mask(args.mask, size).to(device)
     x_known = originals.repeat_interleave(K, 0).to(device)  # each original K times: (count K, 1, S, S)
-    wanted = requested_labels(args.digit, len(x_known), cfg)
+    wanted = requested_labels(args.digit, len(x_known), cfg)  # None: the null label of a conditional model
     requested = labels[args.index:args.index + args.count].repeat_interleave(K) if wanted is None else wanted
-    if cfg["model"]["num_classes"] and wanted is None:
-        wanted = torch.full((len(x_known),), cfg["model"]["num_classes"], dtype=torch.long)  # the null label
     sched = helper.sampling_schedule(cfg)
     print(f"inpainting the {args.mask} of {args.count} test digit(s) from index {args.index}, {K} completion(s) "
           f"each: DDPM, {sched.T} steps x {args.resample} (resampling)")
-    digits = []
-    starts = range(0, len(x_known), args.batch_size)
-    for k, first in enumerate(tqdm(starts, desc="inpaint", leave=False, disable=len(starts) == 1)):
-        part = slice(first, first + args.batch_size)
-        generator = torch.Generator(device).manual_seed(args.seed + k)
-        x_T = torch.randn(x_known[part].shape, generator=generator, device=device)
-        network = helper.sampling_network(model, cfg, None if wanted is None else wanted[part].to(device))
-        with helper.autocast(device, helper.use_bf16(cfg, device)):
-            filled = repaint(network, x_T, sched, x_known[part], known, cfg["diffusion"]["prediction"],
-                             cfg["sampling"]["variance"], cfg["sampling"]["clip_x0"], generator, args.resample,
-                             progress=len(starts) == 1)
-        digits.append(helper.to_digits(filled))
-    digits = np.concatenate(digits)  # (count K, 28, 28, 1)
+
+    def fill(network, x_T, generator, progress, part):  # RePaint of the digits x_known[part]
+        return repaint(network, x_T, sched, x_known[part], known, cfg["diffusion"]["prediction"],
+                       cfg["sampling"]["variance"], cfg["sampling"]["clip_x0"], generator, args.resample, progress)
+    digits, _ = runs.sample_digits(model, cfg, len(x_known), args.seed, device, wanted, batch_size=args.batch_size,
+                                   desc="inpaint", sampler=fill)  # (count K, 28, 28, 1)
     np.savez(os.path.join(out, "inpainted.npz"), arr_0=digits, labels=requested.numpy())
 
     shown = min(args.count, 8)
-    first_digits = helper.to_digits(originals[:shown])  # (shown, 28, 28, 1)
-    masked = helper.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
+    first_digits = runs.to_digits(originals[:shown])  # (shown, 28, 28, 1)
+    masked = runs.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
     completions = digits[:shown * K].reshape(shown, K, 28, 28)
     rows = np.concatenate([first_digits[:, None, ..., 0], masked[:, None, ..., 0], completions], axis=1)
     ask = "" if args.digit is None else f", asked for a {args.digit}"
@@ -144,8 +136,8 @@ def interpolate(args, model, cfg, device, out):
     fractions = torch.linspace(0, 1, F)
     x_T = torch.cat([slerp(z_0, z_1, a) for a in fractions.tolist()])  # (F P, C, S, S), frame-major
     labels = requested_labels(args.digit, len(x_T), cfg)
-    samples = helper.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
-    strips = helper.to_digits(samples)[..., 0].reshape(F, args.pairs, 28, 28).transpose(1, 0, 2, 3)  # (P, F, 28, 28)
+    samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
+    strips = runs.to_digits(samples)[..., 0].reshape(F, args.pairs, 28, 28).transpose(1, 0, 2, 3)  # (P, F, 28, 28)
     what = "" if args.digit is None else f", digit {args.digit}"
     save_rows(strips, os.path.join(out, "interpolation.png"), None, [f"{a:.2f}" for a in fractions.tolist()],
               f"slerp between the noises of seeds {args.seeds[0]} and {args.seeds[1]} "
@@ -153,9 +145,9 @@ def interpolate(args, model, cfg, device, out):
     written = ["interpolation.png"]
     if cfg["model"]["num_classes"]:  # the same noises with every label: what the noise itself encodes
         x_T = z_0.repeat_interleave(10, 0)  # (P 10, C, S, S)
-        samples = helper.sample(model, cfg, len(x_T), args.seeds[0], device, labels=torch.arange(10).repeat(args.pairs),
+        samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=torch.arange(10).repeat(args.pairs),
                                 x_T=x_T.to(device))
-        rows = helper.to_digits(samples)[..., 0].reshape(args.pairs, 10, 28, 28)
+        rows = runs.to_digits(samples)[..., 0].reshape(args.pairs, 10, 28, 28)
         save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(10)],
                   f"one noise per row (seed {args.seeds[0]}), each label, guidance w = {cfg['sampling']['guidance']}")
         written.append("labels.png")
@@ -163,41 +155,41 @@ def interpolate(args, model, cfg, device, out):
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    common = helper.ArgumentParser(add_help=False)
+    common = runs.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", nargs="?",
                         help="checkpoint written by main.py (default: out/ckpt.pt, else the shipped weights)")
     common.add_argument("--digit", type=digit_choice, help="conditional checkpoints: the digit to ask for")
     common.add_argument("--guidance", type=float, help="classifier-free guidance w (default: the checkpoint's)")
-    common.add_argument("--steps", type=helper.positive_int, help="network evaluations (default: the checkpoint's)")
+    common.add_argument("--steps", type=runs.positive_int, help="network evaluations (default: the checkpoint's)")
     common.add_argument("--compile", action="store_true", help="sample with the compiled network")
     common.add_argument("--out", help="output directory (default: the checkpoint's)")
     common.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     fill = commands.add_parser("inpaint", parents=[common], help="fill a masked region of a test digit")
     fill.add_argument("--index", type=int, default=0, help="first MNIST test digit (0-9999)")
-    fill.add_argument("--count", type=helper.positive_int, default=1, help="test digits from --index on")
+    fill.add_argument("--count", type=runs.positive_int, default=1, help="test digits from --index on")
     fill.add_argument("--mask", choices=MASKS, default="top", help="the region to fill")
-    fill.add_argument("--resample", type=helper.positive_int, default=2,
+    fill.add_argument("--resample", type=runs.positive_int, default=2,
                       help="RePaint's r: times each step is redone after jumping back (1: none; 2 lowers FID "
                            "by a third for twice the time, docs/control.md)")
-    fill.add_argument("--num-samples", type=helper.positive_int, default=6, help="completions per digit")
-    fill.add_argument("--batch-size", type=helper.positive_int, default=helper.SAMPLE_BATCH)
+    fill.add_argument("--num-samples", type=runs.positive_int, default=6, help="completions per digit")
+    fill.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH)
     fill.add_argument("--seed", type=int, default=0)
     fill.add_argument("--data-root", default=helper.config["data"]["root"], help="torchvision MNIST root")
 
     walk = commands.add_parser("interpolate", parents=[common], help="slerp between two noises")
     walk.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"), help="the two noises")
-    walk.add_argument("--frames", type=helper.positive_int, default=10, help="points along the path, ends included")
-    walk.add_argument("--pairs", type=helper.positive_int, default=4, help="strips (noise pairs) drawn")
+    walk.add_argument("--frames", type=runs.positive_int, default=10, help="points along the path, ends included")
+    walk.add_argument("--pairs", type=runs.positive_int, default=4, help="strips (noise pairs) drawn")
     walk.add_argument("--sampler", choices=["ddim", "dpm++"], default="ddim", help="a deterministic sampler")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = helper.resolve_device(args.device)
+    device = runs.resolve_device(args.device)
     checkpoint = default_checkpoint(args.checkpoint)
     model, cfg = load_ema_model(checkpoint, device)
     if args.digit == "all":
@@ -210,4 +202,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 import helper
+import runs
 from helper import UserError
 from loadmodel import ETA_HELP, INTERVAL_HELP, load_ema_model, output_folder, with_sampling_flags
 
@@ -62,7 +63,7 @@ def train_classifier(images, labels, epochs=3, batch_size=128, seed=0, progress=
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images) - batch_size + 1, batch_size):
             batch = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(classifier(helper.to_model_range(images[batch], 28)), labels[batch])
+            loss = nn.functional.cross_entropy(classifier(runs.to_model_range(images[batch], 28)), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -78,7 +79,7 @@ def classify(classifier, digits, batch_size=1000):
     """uint8 digits (N, 28, 28, 1) -> penultimate features (N, 128) float64 and softmax (N, 10)."""
     features, probs = [], []
     for start in range(0, len(digits), batch_size):
-        x = helper.to_model_range(torch.as_tensor(digits[start:start + batch_size]).squeeze(-1), 28)
+        x = runs.to_model_range(torch.as_tensor(digits[start:start + batch_size]).squeeze(-1), 28)
         h = classifier.features(x)
         features.append(h.double())
         probs.append(classifier.head(h).softmax(-1))
@@ -87,7 +88,7 @@ def classify(classifier, digits, batch_size=1000):
 
 def mnist_digits(root, train):
     """MNIST images as uint8 (N, 28, 28, 1) and labels (N,)."""
-    images, labels = helper.load_mnist(root, train)
+    images, labels = runs.load_mnist(root, train)
     return images.unsqueeze(-1).numpy(), labels
 
 
@@ -104,7 +105,7 @@ def load_or_train_classifier(path, root):
     test_images, test_labels = mnist_digits(root, train=False)
     _, probs = classify(classifier, test_images)
     accuracy = (probs.argmax(-1) == test_labels).double().mean().item()
-    helper.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, path)
+    runs.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, path)
     return classifier, accuracy
 
 
@@ -195,8 +196,26 @@ def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None)
     conditional model); returns uint8 (N, 28, 28, 1) and seconds."""
     cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
     start = time.perf_counter()
-    digits, _ = helper.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}")
+    digits, _ = runs.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}")
     return digits, time.perf_counter() - start
+
+
+def warm_up(model, cfg, guidances, n, seed, device, labels=None):
+    """Compile the sampling network before the timed rows, once for each batch shape they call
+    it with: B = min(n, SAMPLE_BATCH) images for an unguided call (an unconditional model, w = 0
+    or 1, and the steps outside a guidance interval), 2B for a guided one (w not 0 or 1: the
+    requested and the null labels in one pass). A last batch smaller than B compiles when it comes."""
+    start, batch = time.perf_counter(), min(n, runs.SAMPLE_BATCH)
+    weight_of_call = {}  # network batch -> a guidance weight whose calls have that batch
+    for w in (cfg["sampling"]["guidance"] if w is None else w for w in guidances):
+        weight_of_call[2 * batch if labels is not None and w not in (0, 1) else batch] = w
+    if cfg["sampling"]["guidance_interval"]:
+        weight_of_call[batch] = 1.0
+    for w in weight_of_call.values():
+        warm = helper.with_sampling(cfg, guidance=w, guidance_interval=[])
+        generate(model, warm, "ddim", 1, batch, seed, device, None if labels is None else labels[:batch])
+    print(f"compiled the sampling network for network batches of {' and '.join(map(str, sorted(weight_of_call)))} "
+          f"in {time.perf_counter() - start:.0f} s")
 
 
 def markdown_table(rows):
@@ -266,17 +285,17 @@ def plot_guidance(rows, path):
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=helper.positive_int, help="sampler steps (default: the checkpoint's)")
+    parser.add_argument("--steps", type=runs.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--spacing", choices=helper.SPACINGS,
                         help="which levels a sampler of fewer than T steps keeps (default: the checkpoint's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
     parser.add_argument("--ema", type=float, metavar="DECAY",
                         help="score the EMA of this decay, one of training.extra_ema_decays (default: ema_decay's)")
-    parser.add_argument("--num-samples", type=helper.positive_int, default=10000, help="samples to score")
+    parser.add_argument("--num-samples", type=runs.positive_int, default=10000, help="samples to score")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true", help="score every sampler at several step counts")
     parser.add_argument("--guidance", type=guidance_list,
@@ -306,7 +325,7 @@ def main(argv=None):
         raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema, --labels and --guidance(-interval) "
                         "need a checkpoint, not an .npz")
     digits, labels = read_npz(args.input) if is_npz else (None, None)
-    device = helper.resolve_device(args.device)
+    device = runs.resolve_device(args.device)
     model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
     if args.labels and not cfg["model"]["num_classes"]:
         raise UserError("--labels needs a conditional checkpoint (python main.py --conditional); this one is not")
@@ -328,19 +347,11 @@ def main(argv=None):
     if is_npz:
         rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference, labels)})
     else:
-        runs = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
+        settings = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
-        if cfg["sampling"]["compile"]:  # compile before the timed rows, on the batch shapes they use
-            start = time.perf_counter()
-            weights = {cfg["sampling"]["guidance"] if w is None else w for w in guidances}
-            if cfg["sampling"]["guidance_interval"]:
-                weights.add(1.0)  # the steps outside the interval run unguided
-            for w in {w if w not in (0, 1) else 1.0 for w in weights}:  # guided calls run a batch of 2B, others B
-                warm = helper.with_sampling(cfg, guidance=w, guidance_interval=[])
-                batch = min(n, helper.SAMPLE_BATCH)
-                generate(model, warm, "ddim", 1, batch, args.seed, device, None if labels is None else labels[:batch])
-            print(f"compiled the sampling network in {time.perf_counter() - start:.0f} s")
-        for sampler, steps in runs:
+        if cfg["sampling"]["compile"]:
+            warm_up(model, cfg, guidances, n, args.seed, device, labels)
+        for sampler, steps in settings:
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
@@ -385,4 +396,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

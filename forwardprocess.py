@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 import helper
+import runs
 from helper import Schedule
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper", help="whose schedule to show (default: paper)")
     parser.add_argument("--data-root", help="torchvision MNIST root (default: config data.root)")
     parser.add_argument("--out", default="out", help="output directory (default: out)")
@@ -36,7 +37,7 @@ def save_strip(images, titles, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pixels = helper.to_uint8(images).numpy()  # (K, H, W, C)
+    pixels = runs.to_uint8(images).numpy()  # (K, H, W, C)
     fig, axes = plt.subplots(1, len(pixels), figsize=(0.9 * len(pixels), 1.7), squeeze=False)
     for ax, image, caption in zip(axes[0], pixels, titles):
         ax.imshow(image.squeeze(-1), cmap="gray", vmin=0, vmax=255)
@@ -53,12 +54,12 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = helper.get_config(args.preset)
     root = args.data_root or cfg["data"]["root"]
-    images, _ = helper.load_mnist(root, train=True)  # (60000, 28, 28) uint8
+    images, _ = runs.load_mnist(root, train=True)  # (60000, 28, 28) uint8
     sched = Schedule.from_config(cfg["diffusion"])
     T = sched.T
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randint(len(images), (1,), generator=generator).item()
-    x_0 = helper.to_model_range(images[index:index + 1], cfg["data"]["image_size"])  # (1, 1, S, S)
+    x_0 = runs.to_model_range(images[index:index + 1], cfg["data"]["image_size"])  # (1, 1, S, S)
     os.makedirs(args.out, exist_ok=True)
 
     # (a) the Markov chain, step by step; at most ~25 evenly spaced columns when T is large
@@ -76,7 +77,7 @@ def main(argv=None):
                os.path.join(args.out, "forward_closed_form.png"), "closed form q(x_t | x_0)")
 
     # how far x_T is from N(0, I), the distribution sampling starts from
-    batch = helper.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]],
+    batch = runs.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]],
                                   cfg["data"]["image_size"])  # (1000, 1, S, S)
     x_T = helper.q_sample(batch, torch.full((len(batch),), T - 1), torch.randn(batch.shape, generator=generator), sched)
     alpha_bar_T = sched.alpha_bars[-1].item()
@@ -87,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

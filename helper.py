@@ -4,14 +4,9 @@ embedding and the samplers: everything the report's §2, §4 and §5 write as eq
 Timestep convention: code indices t = 0, ..., T-1 stand for the paper's t = 1, ..., T,
 so betas[t] is the paper's beta_{t+1} and alpha_bars_prev[0] = alpha_bar_0 = 1.
 """
-import argparse
 import copy
 import math
-import os
-import sys
-import tempfile
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -129,10 +124,6 @@ class UserError(Exception):
     """Bad input from the user: reported as one line and exit code 2, no traceback."""
 
 
-class RunError(Exception):
-    """A run that cannot go on (a checkpoint that cannot be written): one line, exit code 1."""
-
-
 def merge_config(base, overrides, where="config"):
     """Return base with overrides applied; unknown keys and wrong types are refused."""
     merged = copy.deepcopy(base)
@@ -150,6 +141,14 @@ def merge_config(base, overrides, where="config"):
                 raise UserError(f"{where}.{key} must be {default_type.__name__}, got {value!r}")
             merged[key] = float(value) if default_type is float else copy.deepcopy(value)
     return merged
+
+
+def checkpoint_config(state):
+    """The config a checkpoint was written with, defaults filled in for keys it predates,
+    validated: one this code can run, or a UserError saying what is wrong."""
+    cfg = merge_config(config, state["config"], where="checkpoint config")
+    validate_config(cfg)
+    return cfg
 
 
 def get_config(preset):
@@ -297,14 +296,10 @@ class Schedule:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t). (T,)"""
         return self.alpha_bars / (1 - self.alpha_bars)
 
-    def lognormal_probs(self, p_mean, p_std):
-        """EDM's training noise levels (Karras et al. 2022 §5), ln sigma ~ N(p_mean, p_std^2) with
-        sigma^2 = 1 / SNR, on this schedule's T levels: each t gets the probability of ln sigma
-        falling between the midpoints to its neighbours. (T,), summing to 1."""
-        log_sigma = -0.5 * self.snr().log()  # ascending in t
-        edges = (log_sigma[1:] + log_sigma[:-1]) / 2
-        cdf = torch.special.ndtr((edges - p_mean) / p_std)
-        return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype), append=torch.ones(1, dtype=cdf.dtype))
+    def edm_sigmas(self):
+        """EDM's noise level of each step, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) = 1 / sqrt(SNR_t):
+        x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps (Karras et al. 2022 §2). (T,), ascending."""
+        return self.snr().rsqrt()
 
 
 def spaced_timesteps(T, steps, spacing, sigmas=None):
@@ -578,7 +573,7 @@ def heun_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
     evaluations. eta = 0 is Heun's method on the probability-flow ODE (Alg. 1); sigma_hat is a
     level of sched, as EDM rounds it for discrete-time models."""
     stops = list(range(sched.T)) if stops is None else list(stops)
-    sigmas = sched.snr().rsqrt()  # (T,) ascending, float64
+    sigmas = sched.edm_sigmas()  # (T,) ascending, float64
     gamma = eta * (math.sqrt(2) - 1)
     trajectory = Trajectory(x_T, trajectory_of)
     scale = lambda level: sched.alpha_bars[level].sqrt().item()  # x_t = sqrt(a) x at a level
@@ -619,7 +614,9 @@ class Guided(torch.nn.Module):
         super().__init__()
         self.network, self.labels, self.guidance, self.guided_at = network, labels, guidance, guided_at
         self.null = torch.full_like(labels, null_label)
-        self.unconditional = guidance == 0 or bool((labels == null_label).all())  # one pass suffices
+        # decided once for the batch (samplers call forward at every step): w = 0 or labels all null
+        # need the null pass alone
+        self.unconditional = guidance == 0 or bool((labels == null_label).all())
 
     def forward(self, x_t, t):
         if self.unconditional:
@@ -629,6 +626,22 @@ class Guided(torch.nn.Module):
         both = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
         conditional, unconditional = both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
         return unconditional + self.guidance * (conditional - unconditional)
+
+
+def guided_network(network, cfg, labels):
+    """The network as the samplers call it, model(x_t, t): for a conditional model, Guided
+    towards `labels` (B,) with cfg's weight and interval (labels None: the null label, i.e.
+    unconditional samples); an unconditional model as it is."""
+    num_classes = cfg["model"]["num_classes"]
+    if labels is not None and num_classes == 0:
+        raise UserError("this checkpoint is unconditional: it cannot be asked for a digit")
+    if num_classes == 0:
+        return network
+    guided_at, interval = None, cfg["sampling"]["guidance_interval"]
+    if interval:
+        sigmas = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
+        guided_at = (sigmas > interval[0]) & (sigmas <= interval[1])
+    return Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at)
 
 
 def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=True):
@@ -663,261 +676,5 @@ def sampling_schedule(cfg):
     sched = Schedule.from_config(cfg["diffusion"])
     stops = sampler_stops(s["sampler"], s["steps"])
     if stops and stops < sched.T:
-        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.snr().rsqrt()))
+        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
     return sched
-
-
-def sampling_network(model, cfg, labels):
-    """The network as the samplers call it, model(x_t, t): eval mode, compiled when
-    sampling.compile is set, and guided towards `labels` (B,) for a conditional model
-    (labels None: the null label, i.e. unconditional samples)."""
-    num_classes = cfg["model"]["num_classes"]
-    if labels is not None and num_classes == 0:
-        raise UserError("this checkpoint is unconditional: it cannot be asked for a digit")
-    model.eval()
-    if cfg["sampling"]["compile"]:
-        model = compile_network(model, frozen=True, layouts=True)  # no backward: channels-last convolutions pay
-    if num_classes == 0:
-        return model
-    guided_at, interval = None, cfg["sampling"]["guidance_interval"]
-    if interval:  # the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (lo, hi]
-        sigma = Schedule.from_config(cfg["diffusion"]).snr().rsqrt()
-        guided_at = (sigma > interval[0]) & (sigma <= interval[1])
-    return Guided(model, labels, cfg["sampling"]["guidance"], num_classes, guided_at)
-
-
-def sample(model, cfg, num_samples, seed, device, labels=None, x_T=None, trajectory_of=None, progress=True):
-    """Draw x_T ~ N(0, I) with `seed` (unless x_T is given) and run the sampler cfg["sampling"]
-    names; a conditional model is guided towards `labels` (B,), or samples unconditionally."""
-    generator = torch.Generator(device).manual_seed(seed)
-    size = cfg["data"]["image_size"]
-    if x_T is None:
-        x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
-    if labels is None and cfg["model"]["num_classes"] > 0:
-        labels = torch.full((len(x_T),), cfg["model"]["num_classes"], dtype=torch.long)
-    network = sampling_network(model, cfg, None if labels is None else labels.to(device))
-    with autocast(device, use_bf16(cfg, device)):
-        return run_sampler(network, x_T, sampling_schedule(cfg), cfg, generator, trajectory_of, progress)
-
-
-SAMPLE_BATCH = 500  # digits per batch when sampling many: larger CPU batches lose time to page faults
-
-
-def sample_digits(model, cfg, num_samples, seed, device, labels=None, trajectory_of=(), batch_size=SAMPLE_BATCH,
-                  desc="sampling"):
-    """num_samples digits drawn batch by batch (batch k seeded seed + k), so memory does not grow
-    with N: returns uint8 digits (N, 28, 28, C) and the trajectories (K, S+1, C, H, W) of the
-    samples indexed by trajectory_of (None when it is empty)."""
-    digits, trajectories = [], []
-    starts = range(0, num_samples, batch_size)
-    for k, first in enumerate(tqdm(starts, desc=desc, leave=False, disable=len(starts) == 1)):
-        n = min(batch_size, num_samples - first)
-        keep = torch.tensor([i - first for i in trajectory_of if first <= i < first + n], dtype=torch.long)
-        out = sample(model, cfg, n, seed + k, device, None if labels is None else labels[first:first + n],
-                     trajectory_of=keep if len(keep) else None, progress=len(starts) == 1)
-        if len(keep):
-            out, trajectory = out
-            trajectories.append(trajectory)
-        digits.append(to_digits(out))
-    return np.concatenate(digits), torch.cat(trajectories) if trajectories else None
-
-
-# ----------------------------------------------------------------------------------------
-# Devices, data, checkpoints, images, CLI: small utilities every script shares.
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"device '{name}' is not available here (use cpu, cuda or auto)")
-    return name
-
-
-def cpu_has_bf16():
-    """True when the CPU has native bf16 matmul units (AMX or AVX512-bf16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def use_bf16(cfg, device):
-    mode = cfg["training"]["bf16"]
-    return mode == "on" or (mode == "auto" and (device == "cuda" or cpu_has_bf16()))
-
-
-def compile_network(model, frozen=False, layouts=False):
-    """torch.compile (inductor) of the network, falling back to eager where no compiler works.
-    frozen=True is for sampling, which never changes the weights: they become constants of the
-    compiled graph, so their bf16 casts and oneDNN layouts are computed once, not at every call.
-    layouts=False keeps the activations NCHW where inductor would turn them channels_last for
-    the convolutions: GroupNorm then reduces contiguous groups, and on a Zen 4 a training step
-    is 8% faster; sampling, without the backward pass, keeps inductor's layouts, which were
-    10% faster in evaluate.py's batches (docs/speed.md)."""
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model, dynamic=False, options={"freezing": frozen, "layout_optimization": layouts})
-
-
-def autocast(device, enabled):
-    """bf16 autocast for the network; losses and sampler arithmetic stay in fp32."""
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
-
-
-MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-
-
-def load_mnist(root, train=True):
-    """MNIST images as one uint8 tensor (N, 28, 28) and their labels (N,) int64, downloaded
-    by torchvision if absent."""
-    import torchvision
-    try:
-        dataset = torchvision.datasets.MNIST(root=root, train=train, download=True)
-    except (RuntimeError, OSError) as error:
-        raise UserError(f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
-                        f"downloaded ({type(error).__name__}); put the four files "
-                        f"{', '.join(MNIST_FILES)} there, or pass --data-root DIR") from None
-    return dataset.data, dataset.targets
-
-
-def to_model_range(images_uint8, image_size):
-    """uint8 digits (B, 28, 28) -> float in [-1, 1], (B, 1, S, S), zero-padded to image_size."""
-    x = images_uint8.float().div(127.5).sub(1).unsqueeze(1)  # (B, 28, 28) -> (B, 1, 28, 28)
-    pad = (image_size - x.shape[-1]) // 2
-    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
-
-
-def to_uint8(x):
-    """Model-range images (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, C)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
-
-
-def to_digits(samples):
-    """Samples (N, C, S, S) in [-1, 1] -> MNIST-format uint8 digits (N, 28, 28, C), the
-    zero-padding of a 32x32 config cropped away."""
-    pad = (samples.shape[-1] - 28) // 2
-    return to_uint8(samples[..., pad:pad + 28, pad:pad + 28]).numpy()
-
-
-def save_checkpoint(state, path):
-    """Write atomically: to a temporary file of its own in the same folder, synced to disk, then
-    renamed over `path`, so a crash, a kill or a power cut leaves either the previous checkpoint
-    or the new one, whole. A write that fails (disk full, no permission) leaves the previous one
-    and raises RunError naming the path and the cause."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's files are private; a checkpoint is not
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        raise RunError(f"could not write {path}: {error.strerror or error}; the previous checkpoint is "
-                       f"unchanged") from None
-
-
-CHECKPOINT_KINDS = {"model": dict, "ema": dict, "optimizer": dict, "step": int, "config": dict, "rng": dict,
-                    "losses": list, "lrs": list}
-SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a released weights file holds
-
-
-def load_checkpoint(path, training=False):
-    """Read a checkpoint written by main.py, tensors and plain types only (weights_only); for
-    sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"'{path}' is not a readable checkpoint ({type(error).__name__})") from None
-    needed = set(CHECKPOINT_KINDS) if training else SAMPLING_KEYS
-    if not isinstance(state, dict) or not needed <= state.keys():
-        what = "a training checkpoint (weights-only files cannot be resumed)" if training else "a checkpoint"
-        raise UserError(f"'{path}' is not {what} written by main.py")
-    for key in needed:
-        if not isinstance(state[key], CHECKPOINT_KINDS[key]):
-            raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, "
-                            f"not a {CHECKPOINT_KINDS[key].__name__}")
-    cfg = merge_config(config, state["config"], where="checkpoint config")
-    validate_config(cfg)
-    return state
-
-
-def load_weights(model, weights):
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError):  # wrong shapes or names, or not a state dict at all
-        raise UserError("checkpoint weights do not match the model its config describes") from None
-
-
-def save_grid(images, path, nrow):
-    """Save images (N, C, H, W) in [-1, 1] as one PNG grid."""
-    import torchvision
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line, exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse. By default it hands every block over
-    32 MB straight back to the kernel, so a sampling batch whose activations are larger (500
-    guided digits of the cpu preset: about 100 MB each) page-faults them in again at every
-    network call: on a 2-core Zen 4 that was 30% of sampling's CPU time (docs/speed.md).
-    Elsewhere than glibc (macOS, Windows) this does nothing."""
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    mallopt(M_MMAP_MAX, 0)  # large blocks from the heap, not from mmap
-    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and the heap not shrunk after each free
-
-
-def run(main):
-    """Run a script's main() with keep_freed_memory(), turning UserError into one line on
-    stderr and exit code 2 and RunError into one line and exit code 1 (Ctrl-C outside the
-    training loop, which checkpoints first, exits 130 quietly)."""
-    keep_freed_memory()
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)

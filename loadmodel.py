@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import helper
+import runs
 from helper import UserError
 from model import Model
 
@@ -56,7 +57,7 @@ INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / 
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?",
                         help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {PRETRAINED})")
     parser.add_argument("--digit", type=digit_choice,
@@ -67,12 +68,12 @@ def parse_args(argv=None):
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
-    parser.add_argument("--steps", type=helper.positive_int,
+    parser.add_argument("--steps", type=runs.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
-    parser.add_argument("--num-samples", type=helper.positive_int,
+    parser.add_argument("--num-samples", type=runs.positive_int,
                         help="digits to sample (default: 16, or 100 with --digit all)")
-    parser.add_argument("--batch-size", type=helper.positive_int, default=helper.SAMPLE_BATCH,
+    parser.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH,
                         help="digits sampled at once; memory depends on this, not on --num-samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler's noise")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -109,8 +110,8 @@ def requested_labels(digit, num_samples, cfg):
 
 def load_ema_model(path, device, decay=None):
     """The EMA network of a checkpoint (or its extra EMA of that decay) and the config stored with it."""
-    state = helper.load_checkpoint(path)
-    cfg = helper.merge_config(helper.config, state["config"])
+    state = runs.load_checkpoint(path)
+    cfg = helper.checkpoint_config(state)
     model = Model.from_config(cfg)
     weights, decays = state["ema"], cfg["training"]["extra_ema_decays"]
     if decay is not None and decay != cfg["training"]["ema_decay"]:
@@ -119,7 +120,7 @@ def load_ema_model(path, device, decay=None):
             raise UserError(f"'{path}' keeps the EMA of decay {kept}, not {decay:g}")
         prefix = f"{decays.index(decay)}."  # the extra EMAs are saved as one ModuleList
         weights = {name[len(prefix):]: w for name, w in state["extra_emas"].items() if name.startswith(prefix)}
-    helper.load_weights(model, weights)
+    runs.load_weights(model, weights)
     return model.to(device).eval(), cfg
 
 
@@ -131,7 +132,7 @@ def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
     import matplotlib.pyplot as plt
     N, S = trajectory.shape[:2]
     columns = np.unique(np.linspace(0, S - 1, min(S, max_columns)).round().astype(int))
-    images = helper.to_uint8(trajectory[:, columns]).numpy()  # (N, K, H, W, C)
+    images = runs.to_uint8(trajectory[:, columns]).numpy()  # (N, K, H, W, C)
     fig, axes = plt.subplots(N, len(columns), figsize=(0.8 * len(columns), 0.8 * N + 0.3), squeeze=False)
     for row in range(N):
         for k, column in enumerate(columns):
@@ -168,12 +169,12 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
 
 def save_digit_grid(digits, path, nrow):
     """uint8 digits (N, 28, 28, C) as one PNG grid of nrow per row."""
-    helper.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
+    runs.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = helper.resolve_device(args.device)
+    device = runs.resolve_device(args.device)
     checkpoint = default_checkpoint(args.checkpoint)
     model, cfg = load_ema_model(checkpoint, device)
     cfg = with_sampling_flags(cfg, args.guidance, args.guidance_interval, sampler=args.sampler, steps=args.steps,
@@ -194,7 +195,7 @@ def main(argv=None):
 
     per_row = n // 10 if digit == "all" else None
     shown = list(range(0, n, per_row)) if per_row else list(range(min(n, 8)))  # rows of trajectory.png
-    digits, trajectory = helper.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
+    digits, trajectory = runs.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
 
     row_labels = None if labels is None else [f"digit {labels[i]}" for i in shown]
     save_trajectory_figure(trajectory, os.path.join(out, "trajectory.png"), row_labels)
@@ -213,4 +214,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

@@ -12,7 +12,7 @@ step, checkpoint and exit; kill -9 or a power cut loses at most the steps since 
 checkpoint, since checkpoints are written to a temporary file, synced, then renamed.
 """
 import copy
-import glob
+import functools
 import json
 import math
 import os
@@ -24,19 +24,21 @@ import torch
 from tqdm import tqdm
 
 import helper
-from helper import RunError, Schedule, UserError
+import runs
+from helper import Schedule, UserError
 from model import Model
+from runs import RunError
 
 
 def parse_args(argv=None):
-    parser = helper.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", help=f"{', '.join(helper.presets)} (default: paper with CUDA, else cpu)")
     parser.add_argument("--data-root", help="torchvision MNIST root (default: config data.root)")
     parser.add_argument("--out", help="output directory (default: out, or the checkpoint's on --resume)")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=helper.positive_int, help="train this many epochs")
-    length.add_argument("--steps", type=helper.positive_int, help="train this many optimiser steps in total")
-    length.add_argument("--minutes", type=helper.positive_float,
+    length.add_argument("--epochs", type=runs.positive_int, help="train this many epochs")
+    length.add_argument("--steps", type=runs.positive_int, help="train this many optimiser steps in total")
+    length.add_argument("--minutes", type=runs.positive_float,
                         help="train for as many steps as fit in M minutes on this machine (the cpu preset: 30)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of the preset, as JSON (training.lr=1e-3, "
@@ -63,14 +65,14 @@ def resolve(args):
                 or args.settings:
             raise UserError("--resume takes its preset, settings, seed and conditioning from the checkpoint; "
                             "drop --preset/--set/--seed/--conditional/--unconditional/--overwrite")
-        state = helper.load_checkpoint(args.resume, training=True)
-        cfg = helper.merge_config(helper.config, state["config"])
+        state = runs.load_checkpoint(args.resume, training=True)
+        cfg = helper.checkpoint_config(state)
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
         cfg = helper.get_config(preset)
         for setting in args.settings:
-            cfg = helper.merge_config(cfg, parse_setting(setting))
+            cfg = helper.merge_config(cfg, runs.parse_setting(setting))
         out = args.out or "out"
     overrides = {"data": {}, "training": {}, "model": {}}
     if args.conditional or args.unconditional:
@@ -95,145 +97,6 @@ def resolve(args):
     return cfg, state, out
 
 
-def parse_setting(setting):
-    """'section.key=value' as the override {section: {key: value}}; the value is read as JSON
-    (numbers, lists, true/false), else kept as a string."""
-    name, equals, raw = setting.partition("=")
-    section, dot, key = name.partition(".")
-    if not (equals and dot and section and key):
-        raise UserError(f"--set wants SECTION.KEY=VALUE, got '{setting}'")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return {section: {key: value}}
-
-
-def same_run(cfg_a, cfg_b):
-    """Whether two configs describe one run: equal but for where the data lives and what runs it
-    (and, for a time budget, the step count it chose on its machine)."""
-    def essence(cfg):
-        cfg = helper.merge_config(helper.config, cfg)
-        cfg["data"].pop("root"), cfg["training"].pop("device")
-        if cfg["training"]["minutes"] > 0:
-            cfg["training"].pop("steps")
-        return cfg
-    return essence(cfg_a) == essence(cfg_b)
-
-
-def total_steps_of(cfg):
-    """The run's optimiser steps: training.steps, else (a time budget not yet fixed) None, else
-    the epochs' worth."""
-    tr = cfg["training"]
-    if tr["steps"]:
-        return tr["steps"]
-    return None if tr["minutes"] > 0 else tr["epochs"] * (60000 // tr["batch_size"])
-
-
-BUDGET_STEPS = 20  # steps timed to fix a time budget's step count, after one that compiles
-BUDGET_RESERVE = 0.07  # share of a time budget kept for checkpoints, previews, the final grid and
-                       # steps slower than the timed ones (5% on a Zen 4: data, checkpoints, progress bar)
-
-
-def budgeted_steps(minutes, seconds_so_far, seconds_per_step):
-    """The step count that ends a run within `minutes`, given the seconds already spent
-    (start-up and compilation) and the measured seconds per step, keeping BUDGET_RESERVE."""
-    seconds_left = minutes * 60 * (1 - BUDGET_RESERVE) - seconds_so_far
-    return max(1, int(seconds_left / seconds_per_step))
-
-
-def measure_seconds_per_step(step_once, snapshot_of):
-    """Seconds per training step, timed over BUDGET_STEPS calls of step_once() after a first
-    one (which compiles), on a throw-away copy of the run: everything `snapshot_of` names
-    (model, EMA, optimiser, generators) is restored afterwards, so the run that follows is
-    the same as one started with its step count fixed."""
-    saved = {name: copy.deepcopy(get()) for name, (get, _) in snapshot_of.items()}
-    step_once()
-    start = time.perf_counter()
-    for _ in range(BUDGET_STEPS):
-        step_once()
-    seconds = (time.perf_counter() - start) / BUDGET_STEPS
-    for name, (_, restore) in snapshot_of.items():
-        restore(saved[name])
-    return seconds
-
-
-def guard_run_folder(cfg, state, out, overwrite):
-    """What to do with a checkpoint already in `out`: resume it when it is this run unfinished,
-    refuse when it is another run, and never silently redo a finished one. Returns the config
-    and the state to continue (None to start from scratch); a time-budgeted run resumed from
-    the folder keeps the step count it chose."""
-    ckpt_path = os.path.join(out, "ckpt.pt")
-    if state is None and os.path.exists(ckpt_path) and not overwrite:
-        existing = helper.load_checkpoint(ckpt_path, training=True)
-        if not same_run(existing["config"], cfg):
-            raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
-                            f"pick a new --out DIR, or pass --overwrite to start over")
-        state = existing
-        cfg = helper.merge_config(cfg, {"training": {"steps": existing["config"]["training"]["steps"]}})
-        if state["step"] < total_steps_of(cfg):
-            print(f"{ckpt_path} is this run, unfinished at step {state['step']}; resuming it")
-    if state is not None and state["step"] >= total_steps_of(cfg):
-        raise RunComplete(f"{ckpt_path} is complete at step {state['step']} of {total_steps_of(cfg)}; "
-                          f"nothing to do (more steps: --resume {ckpt_path} --steps N)")
-    return cfg, state
-
-
-class RunComplete(Exception):
-    """The run in the folder has already reached its step count."""
-
-
-class RunLock:
-    """A lock file out/.lock holding the owner's pid, so two runs never write one folder. A lock
-    whose pid no longer runs (the owner was killed) is stale and taken over."""
-
-    def __init__(self, out):
-        self.path = os.path.join(out, ".lock")
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is not None and pid_alive(owner):
-                    raise UserError(f"another run (pid {owner}) is writing {os.path.dirname(self.path)}; "
-                                    f"wait for it or pick another --out") from None
-                try:
-                    os.remove(self.path)  # stale: its owner is gone
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(self.path)), "*.pt.*.tmp")):
-                os.remove(leftover)  # a temporary checkpoint of a killed run: never renamed, never needed
-            return self
-        raise UserError(f"could not take the lock {self.path}; another run is starting there")
-
-    def owner(self):
-        try:
-            with open(self.path) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None  # unreadable or half-written: treated as stale
-
-    def __exit__(self, *exc):
-        if self.owner() == os.getpid():
-            os.remove(self.path)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def lr_at(step, tr, total_steps):
     """Linear warm-up to tr['lr'], then constant or cosine decay to min_lr_ratio * lr."""
     if step < tr["warmup_steps"]:
@@ -251,6 +114,17 @@ def drop_labels(y, p_uncond, null_label, generator):
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+@functools.cache  # once per run: the schedule and the two numbers do not change
+def lognormal_probs(sched, p_mean, p_std):
+    """EDM's training noise levels (Karras et al. 2022 §5), ln sigma ~ N(p_mean, p_std^2), on the
+    T levels sigma_t of sched: each t gets the probability of ln sigma falling between the
+    midpoints to its neighbours. (T,), summing to 1."""
+    log_sigma = sched.edm_sigmas().log()  # ascending in t
+    edges = (log_sigma[1:] + log_sigma[:-1]) / 2
+    cdf = torch.special.ndtr((edges - p_mean) / p_std)
+    return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype), append=torch.ones(1, dtype=cdf.dtype))
+
+
 def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
     """DDPM Algorithm 1 / L_simple (eq. 14): t ~ U{1..T} (or EDM's log-normal noise levels),
     eps ~ N(0, I), regress the network output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
@@ -262,14 +136,14 @@ def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
     if tr["timesteps"] == "uniform":
         t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)
     else:
-        probs = sched.lognormal_probs(tr["p_mean"], tr["p_std"]).to(x_0.device, torch.float32)
+        probs = lognormal_probs(sched, tr["p_mean"], tr["p_std"]).to(x_0.device, torch.float32)
         t = torch.multinomial(probs, B, replacement=True, generator=generator)
     eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
     x_t = helper.q_sample(x_0, t, eps, sched)
     if y is not None:
         y = drop_labels(y, tr["p_uncond"], cfg["model"]["num_classes"], generator)
     x_in = helper.network_input(x_t, t, sched, prediction)
-    with helper.autocast(x_0.device.type, bf16):
+    with runs.autocast(x_0.device.type, bf16):
         output = model(x_in, t) if y is None else model(x_in, t, y)
     target = helper.training_target(x_0, eps, t, sched, prediction)
     if tr["loss"] == "huber":  # twice torch's Huber loss: e^2 for |e| <= delta, as MSE, then 2 delta |e| - delta^2
@@ -301,7 +175,7 @@ def make_optimizer(model, tr):
 def compiled(model, cfg):
     """The network the training step calls: `model`, or its torch.compile wrapper when
     cfg["training"]["compile"] is set (falling back to eager where no compiler works)."""
-    return helper.compile_network(model) if cfg["training"]["compile"] else model
+    return runs.compile_network(model) if cfg["training"]["compile"] else model
 
 
 @torch.no_grad()
@@ -334,8 +208,8 @@ def save_preview(ema, cfg, device, path, num_samples=20):
     cfg = helper.with_sampling(cfg, sampler="ddim", steps=min(10, cfg["diffusion"]["T"]), eta=0.0, compile=False)
     num_classes = cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None
-    samples = helper.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
-    helper.save_grid(samples, path, nrow=10)
+    samples = runs.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
+    runs.save_grid(samples, path, nrow=10)
 
 
 def save_loss_curve(losses, lrs, path):
@@ -363,40 +237,17 @@ def save_loss_curve(losses, lrs, path):
     plt.close(fig)
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop finishes the current step, checkpoints
-    and exits with 128 + the signal's number (130, 143)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        self.signum = signum
-        for other, handler in self.previous.items():
-            signal.signal(other, handler)  # a second signal interrupts at once
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 def train(cfg, out, state=None, progress=True):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
     returns the EMA model and the per-step losses and learning rates. A time budget
     (training.minutes, steps 0) is turned into a step count first, recorded in cfg."""
     started = time.perf_counter()
-    tr, device = cfg["training"], helper.resolve_device(cfg["training"]["device"])
-    images, labels = helper.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
+    tr, device = cfg["training"], runs.resolve_device(cfg["training"]["device"])
+    images, labels = runs.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
     images, labels = images.to(device), labels.to(device)
     conditional = cfg["model"]["num_classes"] > 0
     steps_per_epoch = len(images) // tr["batch_size"]
-    bf16 = helper.use_bf16(cfg, device)
+    bf16 = runs.use_bf16(cfg, device)
     sched = Schedule.from_config(cfg["diffusion"])
     ckpt_path = os.path.join(out, "ckpt.pt")
 
@@ -409,31 +260,31 @@ def train(cfg, out, state=None, progress=True):
     generator = torch.Generator(device).manual_seed(tr["seed"])  # t and eps draws
     step, losses, lrs = 0, [], []
     if state is not None:
-        helper.load_weights(model, state["model"])
-        helper.load_weights(ema, state["ema"])
+        runs.load_weights(model, state["model"])
+        runs.load_weights(ema, state["ema"])
         if len(extra_emas):
-            helper.load_weights(extra_emas, state["extra_emas"])
+            runs.load_weights(extra_emas, state["extra_emas"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses, lrs = state["step"], list(state["losses"]), list(state["lrs"])
         torch.set_rng_state(state["rng"]["torch"])
         generator.set_state(state["rng"]["noise"])
         if device == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-    total_steps = total_steps_of(cfg)
+    total_steps = runs.total_steps_of(cfg)
     print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps or 'what the time budget fits'}, "
           f"{steps_per_epoch} per epoch"
           f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     if total_steps is None:  # a time budget: time steps on the first batch, then fix the count
-        x_0 = helper.to_model_range(images[:tr["batch_size"]], cfg["data"]["image_size"])
+        x_0 = runs.to_model_range(images[:tr["batch_size"]], cfg["data"]["image_size"])
         y = labels[:tr["batch_size"]] if conditional else None
-        seconds_per_step = measure_seconds_per_step(
+        seconds_per_step = runs.measure_seconds_per_step(
             lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas),
             {"model": (model.state_dict, model.load_state_dict), "ema": (ema.state_dict, ema.load_state_dict),
              "extra_emas": (extra_emas.state_dict, extra_emas.load_state_dict),
              "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
              "noise": (generator.get_state, generator.set_state), "torch": (torch.get_rng_state, torch.set_rng_state)})
-        total_steps = budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step)
+        total_steps = runs.budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step)
         tr["steps"] = total_steps  # in every checkpoint: resume continues this count
         print(f"time budget {tr['minutes']:g} min: {seconds_per_step:.2f} s per step measured, "
               f"{time.perf_counter() - started:.0f} s spent on start-up and compilation -> {total_steps} steps")
@@ -442,21 +293,21 @@ def train(cfg, out, state=None, progress=True):
         rng = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
         if device == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        helper.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
+        runs.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                 "extra_emas": extra_emas.state_dict(), "optimizer": optimizer.state_dict(),
                                 "step": step, "config": cfg, "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
         save_preview(ema, cfg, device, os.path.join(out, f"samples_step{step}.png"))
 
     model.train()
     order, smoothed, tick = None, None, time.perf_counter()
-    with StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True) as bar:
+    with runs.StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True) as bar:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if order is None or index == 0:
                 # the data order of an epoch depends only on (seed, epoch): resume needs no state
                 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(tr["seed"] * 100003 + epoch))
             batch = order[index * tr["batch_size"]:(index + 1) * tr["batch_size"]].to(device)
-            x_0 = helper.to_model_range(images[batch], cfg["data"]["image_size"])  # (B, 1, S, S)
+            x_0 = runs.to_model_range(images[batch], cfg["data"]["image_size"])  # (B, 1, S, S)
             y = labels[batch] if conditional else None
 
             lr = lr_at(step, tr, total_steps)
@@ -491,10 +342,10 @@ def train(cfg, out, state=None, progress=True):
 def main(argv=None):
     args = parse_args(argv)
     cfg, state, out = resolve(args)
-    with RunLock(out):
+    with runs.RunLock(out):
         try:
-            cfg, state = guard_run_folder(cfg, state, out, args.overwrite)
-        except RunComplete as complete:
+            cfg, state = runs.guard_run_folder(cfg, state, out, args.overwrite)
+        except runs.RunComplete as complete:
             print(complete)
             return
         print(json.dumps(cfg, indent=1))
@@ -507,15 +358,15 @@ def finish(ema, losses, lrs, cfg, out, start):
     """The end of a run: the EMA weights alone (what sampling needs, a third of ckpt.pt), the
     loss curve and a grid of samples."""
     print(f"trained in {(time.perf_counter() - start) / 60:.1f} min; checkpoint {os.path.join(out, 'ckpt.pt')}")
-    helper.save_checkpoint({"config": cfg, "step": len(losses), "ema": ema.state_dict()}, os.path.join(out, "ema.pt"))
+    runs.save_checkpoint({"config": cfg, "step": len(losses), "ema": ema.state_dict()}, os.path.join(out, "ema.pt"))
     save_loss_curve(losses, lrs, os.path.join(out, "loss.png"))
     num_samples, num_classes = cfg["sampling"]["num_samples"], cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None  # a conditional grid: digit per column
-    samples = helper.sample(ema, cfg, num_samples, seed=0, device=helper.resolve_device(cfg["training"]["device"]),
+    samples = runs.sample(ema, cfg, num_samples, seed=0, device=runs.resolve_device(cfg["training"]["device"]),
                             labels=labels)
-    helper.save_grid(samples, os.path.join(out, "samples.png"), nrow=num_classes or int(math.sqrt(num_samples)))
+    runs.save_grid(samples, os.path.join(out, "samples.png"), nrow=num_classes or int(math.sqrt(num_samples)))
     print(f"wrote {', '.join(os.path.join(out, name) for name in ('ema.pt', 'samples.png', 'loss.png'))}")
 
 
 if __name__ == "__main__":
-    helper.run(main)
+    runs.run(main)

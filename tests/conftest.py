@@ -20,8 +20,8 @@ def mnist_root():
 @pytest.fixture(scope="session")
 def digits(mnist_root):
     """The first 512 MNIST training digits in model range, (512, 1, 28, 28)."""
-    import helper
-    return helper.to_model_range(helper.load_mnist(mnist_root)[0][:512], 28)
+    import runs
+    return runs.to_model_range(runs.load_mnist(mnist_root)[0][:512], 28)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ def classifier_file(tmp_path_factory, mnist_root):
     import torch
 
     import evaluate
-    import helper
+    import runs
     images, labels = evaluate.mnist_digits(mnist_root, train=True)
     classifier = evaluate.train_classifier(torch.as_tensor(images[:6000]).squeeze(-1), labels[:6000],
                                            epochs=3, progress=False)
@@ -38,5 +38,5 @@ def classifier_file(tmp_path_factory, mnist_root):
     _, probs = evaluate.classify(classifier, test_images[:2000])
     accuracy = (probs.argmax(-1) == test_labels[:2000]).double().mean().item()
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"
-    helper.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
+    runs.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, str(path))
     return path, accuracy

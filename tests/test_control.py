@@ -9,6 +9,7 @@ import evaluate
 import helper
 import loadmodel
 import main
+import runs
 from helper import Schedule
 from model import Model
 from test_scripts import assert_one_line_error, run_script, smoke_config
@@ -79,7 +80,7 @@ def test_unconditional_outputs_and_samples_are_those_of_the_code_before_conditio
     assert out.abs().sum().item() == pytest.approx(644.9704264833126, rel=1e-4)
     golden = {"ddpm": 4151.032948578242, "ddim": 3304.1529149684648, "dpm++": 3303.325113966479}
     for sampler, abs_sum in golden.items():
-        samples = helper.sample(model, helper.with_sampling(cfg, sampler=sampler, steps=5), 3, seed=2, device="cpu",
+        samples = runs.sample(model, helper.with_sampling(cfg, sampler=sampler, steps=5), 3, seed=2, device="cpu",
                                 progress=False)
         assert samples.double().abs().sum().item() == pytest.approx(abs_sum, rel=1e-3), sampler
 
@@ -122,13 +123,30 @@ def test_guided_passes_run_as_one_call_of_batch_2B_equal_to_two_calls():
     torch.testing.assert_close(guided, separate, rtol=1e-5, atol=1e-5)
 
 
+def test_all_null_labels_or_w_zero_run_the_null_pass_alone_at_every_call():
+    model, _ = conditional_model()
+    x, t = inputs()
+    batches = []
+
+    def counting(x_t, t_, labels):
+        batches.append((len(x_t), labels.tolist()))
+        return model(x_t, t_, labels)
+
+    for labels, w in ((torch.full((4,), 10), 2.0), (torch.tensor([3, 7, 1, 9]), 0.0)):
+        guided = helper.Guided(counting, labels, w, 10)
+        with torch.no_grad():
+            for _ in range(3):
+                guided(x, t)
+    assert batches == [(4, [10] * 4)] * 6
+
+
 def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
     model, cfg = conditional_model()
     x, t = inputs()  # t = 0, 5, 12, 19; Guided sees one t per call, as in the samplers
     y = torch.tensor([3, 7, 1, 9])
-    sigma = Schedule.from_config(cfg["diffusion"]).snr().rsqrt()
+    sigma = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
     lo, hi = sigma[4].item(), sigma[12].item()  # (lo, hi] holds t = 5..12
-    network = helper.sampling_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
+    network = helper.guided_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
     assert network.guided_at.nonzero().flatten().tolist() == list(range(5, 13))
     plain, conditional = helper.Guided(model, y, 3.0, 10), helper.Guided(model, y, 1.0, 10)
     with torch.no_grad():
@@ -142,9 +160,9 @@ def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
 def test_a_conditional_model_without_labels_samples_with_the_null_label():
     model, cfg = conditional_model()
     cfg = helper.with_sampling(cfg, sampler="ddim", steps=4)
-    free = helper.sample(model, cfg, 3, seed=0, device="cpu", progress=False)
-    null = helper.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.full((3,), 10), progress=False)
-    asked = helper.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.tensor([1, 2, 3]), progress=False)
+    free = runs.sample(model, cfg, 3, seed=0, device="cpu", progress=False)
+    null = runs.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.full((3,), 10), progress=False)
+    asked = runs.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.tensor([1, 2, 3]), progress=False)
     assert torch.equal(free, null) and not torch.equal(free, asked)
 
 
@@ -176,7 +194,7 @@ def test_repaint_keeps_the_known_pixels_of_the_original(digits, resample):
     generator = torch.Generator().manual_seed(0)
     filled = edit.repaint(network, torch.randn(original.shape, generator=generator), sched, original, known, "eps",
                           "beta", True, generator, resample, progress=False)
-    before, after = helper.to_digits(original), helper.to_digits(filled)
+    before, after = runs.to_digits(original), runs.to_digits(filled)
     keep = known[0, 0].bool().numpy()
     assert np.abs(before[:, keep].astype(int) - after[:, keep].astype(int)).max() <= 1
     assert np.abs(before[:, ~keep].astype(int) - after[:, ~keep].astype(int)).max() > 50  # the rest is generated
@@ -233,7 +251,7 @@ def test_inpainting_an_unconditional_model_labels_the_originals(tmp_path, mnist_
     main.train(smoke_config(mnist_root), str(out), progress=False)
     edit.main(["inpaint", str(out / "ckpt.pt"), "--index", "0", "--count", "3", "--num-samples", "1",
                "--data-root", mnist_root, "--out", str(tmp_path)])
-    _, test_labels = helper.load_mnist(mnist_root, train=False)
+    _, test_labels = runs.load_mnist(mnist_root, train=False)
     assert np.load(tmp_path / "inpainted.npz")["labels"].tolist() == test_labels[:3].tolist()
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import evaluate
-import helper
 import loadmodel
 import main
+import runs
 from conftest import REPO
 from helper import UserError
 from test_scripts import assert_one_line_error, assert_same_run, run_script, smoke_config
@@ -35,7 +35,7 @@ def start(args):
 
 def run_with_patch(patch, args, timeout=120):
     """Run a script in a subprocess after executing `patch` (Python source) in it."""
-    source = f"import sys; sys.argv = {args!r}\n{patch}\nimport helper, {args[0][:-3]} as script\nhelper.run(script.main)"
+    source = f"import sys; sys.argv = {args!r}\n{patch}\nimport runs, {args[0][:-3]} as script\nruns.run(script.main)"
     proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -46,7 +46,7 @@ def checkpoint_step(path, timeout=90):
     while not os.path.exists(path):
         assert time.time() < deadline, f"no checkpoint appeared at {path}"
         time.sleep(0.05)
-    return helper.load_checkpoint(str(path))["step"]
+    return runs.load_checkpoint(str(path))["step"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_kill_between_writing_and_renaming_a_checkpoint_keeps_the_previous_one(m
              "os.replace = dying_replace")
     code, _, _ = run_with_patch(patch, train_args(mnist_root, tmp_path))
     assert code == -signal.SIGKILL
-    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the third write (step 12) died
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the third write (step 12) died
     assert len(glob.glob(str(tmp_path / "ckpt.pt.*.tmp"))) == 1  # the half-done write, never renamed
     code, _, stderr = run_script(*train_args(mnist_root, tmp_path))
     assert code == 0, stderr
@@ -115,7 +115,7 @@ def test_sigterm_checkpoints_like_ctrl_c_and_the_lock_refuses_a_second_run(mnist
     assert "interrupted (SIGTERM) at step" in stderr and "Traceback" not in stderr
     step = checkpoint_step(ckpt)
     main.main(["--resume", str(ckpt), "--steps", str(step + 2)])
-    assert helper.load_checkpoint(str(ckpt))["step"] == step + 2
+    assert runs.load_checkpoint(str(ckpt))["step"] == step + 2
 
 
 def test_another_run_into_a_used_folder_is_refused_and_a_finished_one_is_never_redone(mnist_root, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_another_run_into_a_used_folder_is_refused_and_a_finished_one_is_never_r
     main.main(["--resume", str(tmp_path / "ckpt.pt"), "--steps", "4"])
     assert (tmp_path / "ckpt.pt").read_bytes() == before  # neither replaced nor shortened
     main.main(train_args(mnist_root, tmp_path, 4, "--overwrite")[1:])
-    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4  # only on request
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4  # only on request
 
 
 def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_line(mnist_root, tmp_path):
@@ -143,7 +143,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_l
     assert code == 1, stderr
     lines = stderr.strip().splitlines()
     assert "Traceback" not in stderr and f"could not write {tmp_path / 'ckpt.pt'}: No space left on device" in lines[-1]
-    assert helper.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
+    assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4
     assert not glob.glob(str(tmp_path / "*.tmp")) and not (tmp_path / ".lock").exists()
 
 
@@ -151,9 +151,9 @@ def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_l
 def test_kept_freed_memory_stops_the_page_faults_of_large_tensors():
     """A fresh 100 MB tensor at every step: glibc maps and faults it in each time, unless told
     to keep freed memory, when most steps reuse it (the heap settles after a few steps)."""
-    source = ("import resource, sys, torch, helper\n"
+    source = ("import resource, sys, torch, runs\n"
               "torch.set_num_threads(1)\n"
-              "if sys.argv[1] == 'keep': helper.keep_freed_memory()\n"
+              "if sys.argv[1] == 'keep': runs.keep_freed_memory()\n"
               "x, faults = torch.ones(25_000_000), []\n"
               "for _ in range(40):\n"
               "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
@@ -172,8 +172,8 @@ def test_kept_freed_memory_stops_the_page_faults_of_large_tensors():
 
 
 def peak_rss_mb(checkpoint, out, num_samples):
-    source = ("import resource, helper, loadmodel\n"  # helper.run: as `python loadmodel.py` runs, freed memory kept
-              f"helper.run(lambda: loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', "
+    source = ("import resource, runs, loadmodel\n"  # runs.run: as `python loadmodel.py` runs, freed memory kept
+              f"runs.run(lambda: loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', "
               f"'--batch-size', '50', '--steps', '5', '--out', {str(out)!r}]))\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=300)

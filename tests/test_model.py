@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import helper
+import runs
 from attnblock import AttnBlock
 from downsample import Downsample
 from model import Model
@@ -96,7 +97,7 @@ def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
     """The speed switches change rounding, not the function: bf16 keeps ~3 significant digits."""
     model, x, t, y = cpu_preset_model
     reference = model(x, t, y)
-    with helper.autocast("cpu", True):
+    with runs.autocast("cpu", True):
         bf16 = model(x, t, y)
     assert bf16.dtype == torch.bfloat16 and 0 < relative_error(bf16, reference) < 2e-2
     nhwc = Model.from_config(helper.get_config("cpu")).eval()
@@ -113,10 +114,10 @@ def test_compiled_model_matches_eager(frozen):
     torch.manual_seed(0)
     model = Model.from_config(small_config(28, 1)).eval()
     x, t = torch.randn(8, 1, 28, 28), torch.linspace(0, 19, 8).long()
-    compiled = helper.compile_network(model, frozen=frozen)
+    compiled = runs.compile_network(model, frozen=frozen)
     reference = model(x, t)
     assert relative_error(compiled(x, t), reference) < 1e-4
-    with helper.autocast("cpu", True):
+    with runs.autocast("cpu", True):
         bf16 = compiled(x, t)
     assert bf16.dtype == torch.bfloat16 and relative_error(bf16, reference) < 2e-2
 
@@ -129,5 +130,5 @@ def test_frozen_compiled_networks_keep_their_own_weights():
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = Model.from_config(helper.get_config("smoke")).eval()
-        assert relative_error(helper.compile_network(model, frozen=True)(x, t), model(x, t)) < 1e-4
+        assert relative_error(runs.compile_network(model, frozen=True)(x, t), model(x, t)) < 1e-4
 

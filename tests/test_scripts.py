@@ -14,6 +14,7 @@ import torch
 import helper
 import loadmodel
 import main
+import runs
 from conftest import REPO
 from helper import Schedule
 from model import Model
@@ -46,7 +47,7 @@ def test_main_writes_checkpoint_samples_and_loss_curve(trained):
     state = torch.load(trained / "ckpt.pt", weights_only=True)
     assert state["step"] == 8 and len(state["losses"]) == 8 and state["config"]["training"]["steps"] == 8
     weights = torch.load(trained / "ema.pt", weights_only=True)
-    assert weights.keys() == helper.SAMPLING_KEYS and weights["step"] == 8
+    assert weights.keys() == runs.SAMPLING_KEYS and weights["step"] == 8
     for name, value in state["ema"].items():
         assert torch.equal(weights["ema"][name], value)
 
@@ -62,7 +63,7 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
 
 def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path):
     state = torch.load(loadmodel.PRETRAINED, map_location="cpu", weights_only=True)
-    assert state.keys() == helper.SAMPLING_KEYS
+    assert state.keys() == runs.SAMPLING_KEYS
     shipped, default = helper.merge_config(helper.config, state["config"]), helper.get_config("cpu")
     assert all(shipped[section] == default[section] for section in ("model", "diffusion", "sampling"))
     code, stdout, stderr = run_script(os.path.join(REPO, "loadmodel.py"), "--num-samples", "10", "--steps", "5",
@@ -140,7 +141,7 @@ def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes
 
     main.train(config(8), str(tmp_path / "straight"), progress=False)
     main.train(config(4), str(tmp_path / "halves"), progress=False)
-    state = helper.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
+    state = runs.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
     main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
     assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
     assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
@@ -173,9 +174,9 @@ def test_extra_emas_are_kept_and_evaluate_can_pick_one(mnist_root, tmp_path):
 
 
 def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
-    assert main.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - main.BUDGET_RESERVE) - 100) / 0.5)
-    assert main.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
-    seconds = main.measure_seconds_per_step(lambda: time.sleep(0.01), {})
+    assert runs.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - runs.BUDGET_RESERVE) - 100) / 0.5)
+    assert runs.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
+    seconds = runs.measure_seconds_per_step(lambda: time.sleep(0.01), {})
     assert 0.01 <= seconds < 0.05
 
 
@@ -185,7 +186,7 @@ def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
 ])
 def test_the_cpu_preset_runs_on_a_time_budget_unless_steps_or_epochs_are_given(flags, minutes, total):
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", *flags]))
-    assert cfg["training"]["minutes"] == minutes and main.total_steps_of(cfg) == total
+    assert cfg["training"]["minutes"] == minutes and runs.total_steps_of(cfg) == total
 
 
 def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_path, monkeypatch):
@@ -194,7 +195,7 @@ def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_
     def budgeted(minutes, seconds_so_far, seconds_per_step):  # the arithmetic is tested above
         measured.append((minutes, seconds_so_far, seconds_per_step))
         return 6
-    monkeypatch.setattr(main, "budgeted_steps", budgeted)
+    monkeypatch.setattr(runs, "budgeted_steps", budgeted)
     budget_args = ["--preset", "smoke", "--minutes", "2", "--data-root", mnist_root, "--out"]
     main.main(budget_args + [str(tmp_path / "budget")])
     [(minutes, seconds_so_far, seconds_per_step)] = measured
@@ -216,7 +217,7 @@ def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_
     def interrupting_update_ema(*args):
         update_ema(*args)
         calls.append(1)
-        if len(calls) == main.BUDGET_STEPS + 1 + 4:  # the timed steps, then 4 of the run
+        if len(calls) == runs.BUDGET_STEPS + 1 + 4:  # the timed steps, then 4 of the run
             signal.raise_signal(signal.SIGINT)
     monkeypatch.setattr(main, "update_ema", interrupting_update_ema)
     with pytest.raises(SystemExit) as stopped:
@@ -237,7 +238,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_root, tmp_path, mon
         return loss * float("nan") if len(calls) == 6 else loss
 
     monkeypatch.setattr(main, "diffusion_loss", loss_that_explodes)
-    with pytest.raises(helper.RunError, match="loss is nan at step 5"):  # one line, exit code 1
+    with pytest.raises(runs.RunError, match="loss is nan at step 5"):  # one line, exit code 1
         main.train(smoke_config(mnist_root, steps=8, checkpoint_every=4), str(tmp_path), progress=False)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 4 and all(np.isfinite(state["losses"]))
@@ -346,7 +347,7 @@ def test_bad_arguments_get_one_line_and_exit_2(args, fragment, mnist_root):
 
 def test_missing_mnist_names_the_four_files(tmp_path):
     code, _, stderr = run_script("forwardprocess.py", "--data-root", str(tmp_path))
-    assert_one_line_error(code, stderr, "MNIST not found", *helper.MNIST_FILES)
+    assert_one_line_error(code, stderr, "MNIST not found", *runs.MNIST_FILES)
 
 
 def test_non_checkpoint_and_truncated_files_are_refused(trained, tmp_path):

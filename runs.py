@@ -1,0 +1,454 @@
+"""What every script shares around the math of helper.py: the device and its bf16, compilation,
+MNIST and the conversion of images, drawing many samples in batches, checkpoint files, the
+command line, a training run's folder (guard, lock, time budget, Ctrl-C and SIGTERM) and the
+script runner that turns bad input into one line."""
+import argparse
+import copy
+import ctypes
+import functools
+import glob
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import helper
+from helper import UserError
+
+
+class RunError(Exception):
+    """A run that cannot go on (a checkpoint that cannot be written): one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------
+# Devices, precision and compilation.
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") or (name == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"device '{name}' is not available here (use cpu, cuda or auto)")
+    return name
+
+
+def cpu_has_bf16():
+    """True when the CPU has native bf16 matmul units (AMX or AVX512-bf16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(cfg, device):
+    mode = cfg["training"]["bf16"]
+    return mode == "on" or (mode == "auto" and (device == "cuda" or cpu_has_bf16()))
+
+
+def compile_network(model, frozen=False, layouts=False):
+    """torch.compile (inductor) of the network, falling back to eager where no compiler works.
+    frozen=True is for sampling, which never changes the weights: they become constants of the
+    compiled graph, so their bf16 casts and oneDNN layouts are computed once, not at every call.
+    layouts=False keeps the activations NCHW where inductor would turn them channels_last for
+    the convolutions: GroupNorm then reduces contiguous groups, and on a Zen 4 a training step
+    is 8% faster; sampling, without the backward pass, keeps inductor's layouts, which were
+    10% faster in evaluate.py's batches (docs/speed.md)."""
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model, dynamic=False, options={"freezing": frozen, "layout_optimization": layouts})
+
+
+def autocast(device, enabled):
+    """bf16 autocast for the network; losses and sampler arithmetic stay in fp32."""
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
+# ----------------------------------------------------------------------------------------
+# MNIST and images.
+
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def load_mnist(root, train=True):
+    """MNIST images as one uint8 tensor (N, 28, 28) and their labels (N,) int64, downloaded
+    by torchvision if absent."""
+    import torchvision
+    try:
+        dataset = torchvision.datasets.MNIST(root=root, train=train, download=True)
+    except (RuntimeError, OSError) as error:
+        raise UserError(f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
+                        f"downloaded ({type(error).__name__}); put the four files "
+                        f"{', '.join(MNIST_FILES)} there, or pass --data-root DIR") from None
+    return dataset.data, dataset.targets
+
+
+def to_model_range(images_uint8, image_size):
+    """uint8 digits (B, 28, 28) -> float in [-1, 1], (B, 1, S, S), zero-padded to image_size."""
+    x = images_uint8.float().div(127.5).sub(1).unsqueeze(1)  # (B, 28, 28) -> (B, 1, 28, 28)
+    pad = (image_size - x.shape[-1]) // 2
+    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
+
+
+def to_uint8(x):
+    """Model-range images (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, C)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(-3, -1).cpu()
+
+
+def to_digits(samples):
+    """Samples (N, C, S, S) in [-1, 1] -> MNIST-format uint8 digits (N, 28, 28, C), the
+    zero-padding of a 32x32 config cropped away."""
+    pad = (samples.shape[-1] - 28) // 2
+    return to_uint8(samples[..., pad:pad + 28, pad:pad + 28]).numpy()
+
+
+def save_grid(images, path, nrow):
+    """Save images (N, C, H, W) in [-1, 1] as one PNG grid."""
+    import torchvision
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Drawing samples: the network as the samplers call it, in batches of bounded memory.
+
+def sampling_network(model, cfg, labels):
+    """The network as the samplers call it, model(x_t, t): eval mode, compiled when
+    sampling.compile is set, and guided towards `labels` (B,) (helper.guided_network)."""
+    model.eval()
+    if cfg["sampling"]["compile"]:
+        model = compile_network(model, frozen=True, layouts=True)  # no backward: channels-last convolutions pay
+    return helper.guided_network(model, cfg, labels)
+
+
+def sample(model, cfg, num_samples, seed, device, labels=None, x_T=None, trajectory_of=None, progress=True,
+           sampler=None):
+    """Draw x_T ~ N(0, I) with `seed` (unless x_T is given) and run the sampler cfg["sampling"]
+    names, or `sampler(network, x_T, generator, progress) -> x_0` if given (edit.py's RePaint);
+    a conditional model is guided towards `labels` (B,), or samples unconditionally."""
+    generator = torch.Generator(device).manual_seed(seed)
+    size = cfg["data"]["image_size"]
+    if x_T is None:
+        x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
+    if labels is None and cfg["model"]["num_classes"] > 0:
+        labels = torch.full((len(x_T),), cfg["model"]["num_classes"], dtype=torch.long)
+    network = sampling_network(model, cfg, None if labels is None else labels.to(device))
+    with autocast(device, use_bf16(cfg, device)):
+        if sampler is not None:
+            return sampler(network, x_T, generator, progress)
+        return helper.run_sampler(network, x_T, helper.sampling_schedule(cfg), cfg, generator, trajectory_of, progress)
+
+
+SAMPLE_BATCH = 500  # digits per batch when sampling many: larger CPU batches lose time to page faults
+
+
+def sample_digits(model, cfg, num_samples, seed, device, labels=None, trajectory_of=(), batch_size=SAMPLE_BATCH,
+                  desc="sampling", sampler=None):
+    """num_samples digits drawn batch by batch (batch k seeded seed + k), so memory does not grow
+    with N: returns uint8 digits (N, 28, 28, C) and the trajectories (K, S+1, C, H, W) of the
+    samples indexed by trajectory_of (None when it is empty). `sampler(network, x_T, generator,
+    progress, part) -> x_0`, if given, replaces cfg's sampler; `part` is the slice of the N digits
+    in the batch, to pair them with inputs of their own."""
+    digits, trajectories = [], []
+    starts = range(0, num_samples, batch_size)
+    for k, first in enumerate(tqdm(starts, desc=desc, leave=False, disable=len(starts) == 1)):
+        n = min(batch_size, num_samples - first)
+        keep = torch.tensor([i - first for i in trajectory_of if first <= i < first + n], dtype=torch.long)
+        out = sample(model, cfg, n, seed + k, device, None if labels is None else labels[first:first + n],
+                     trajectory_of=keep if len(keep) else None, progress=len(starts) == 1,
+                     sampler=None if sampler is None else functools.partial(sampler, part=slice(first, first + n)))
+        if len(keep):
+            out, trajectory = out
+            trajectories.append(trajectory)
+        digits.append(to_digits(out))
+    return np.concatenate(digits), torch.cat(trajectories) if trajectories else None
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint files.
+
+def save_checkpoint(state, path):
+    """Write atomically: to a temporary file of its own in the same folder, synced to disk, then
+    renamed over `path`, so a crash, a kill or a power cut leaves either the previous checkpoint
+    or the new one, whole. A write that fails (disk full, no permission) leaves the previous one
+    and raises RunError naming the path and the cause."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's files are private; a checkpoint is not
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunError(f"could not write {path}: {error.strerror or error}; the previous checkpoint is "
+                       f"unchanged") from None
+
+
+CHECKPOINT_KINDS = {"model": dict, "ema": dict, "optimizer": dict, "step": int, "config": dict, "rng": dict,
+                    "losses": list, "lrs": list}
+SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a released weights file holds
+
+
+def load_checkpoint(path, training=False):
+    """Read a checkpoint written by main.py, tensors and plain types only (weights_only); for
+    sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"'{path}' is not a readable checkpoint ({type(error).__name__})") from None
+    needed = set(CHECKPOINT_KINDS) if training else SAMPLING_KEYS
+    if not isinstance(state, dict) or not needed <= state.keys():
+        what = "a training checkpoint (weights-only files cannot be resumed)" if training else "a checkpoint"
+        raise UserError(f"'{path}' is not {what} written by main.py")
+    for key in needed:
+        if not isinstance(state[key], CHECKPOINT_KINDS[key]):
+            raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, "
+                            f"not a {CHECKPOINT_KINDS[key].__name__}")
+    helper.checkpoint_config(state)  # refuses a config this code cannot run
+    return state
+
+
+def load_weights(model, weights):
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError):  # wrong shapes or names, or not a state dict at all
+        raise UserError("checkpoint weights do not match the model its config describes") from None
+
+
+# ----------------------------------------------------------------------------------------
+# The command line and the script runner.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def parse_setting(setting):
+    """'section.key=value' as the override {section: {key: value}}; the value is read as JSON
+    (numbers, lists, true/false), else kept as a string."""
+    name, equals, raw = setting.partition("=")
+    section, dot, key = name.partition(".")
+    if not (equals and dot and section and key):
+        raise UserError(f"--set wants SECTION.KEY=VALUE, got '{setting}'")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return {section: {key: value}}
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse. By default it hands every block over
+    32 MB straight back to the kernel, so a sampling batch whose activations are larger (500
+    guided digits of the cpu preset: about 100 MB each) page-faults them in again at every
+    network call: on a 2-core Zen 4 that was 30% of sampling's CPU time (docs/speed.md).
+    Elsewhere than glibc (macOS, Windows) this does nothing."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # large blocks from the heap, not from mmap
+    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and the heap not shrunk after each free
+
+
+def run(main):
+    """Run a script's main() with keep_freed_memory(), turning UserError into one line on
+    stderr and exit code 2 and RunError into one line and exit code 1 (Ctrl-C outside the
+    training loop, which checkpoints first, exits 130 quietly)."""
+    keep_freed_memory()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except RunError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------
+# A training run's folder: one run per folder, a time budget, stopping cleanly.
+
+def same_run(cfg_a, cfg_b):
+    """Whether two configs describe one run: equal but for where the data lives and what runs it
+    (and, for a time budget, the step count it chose on its machine)."""
+    def essence(cfg):
+        cfg = helper.merge_config(helper.config, cfg)
+        cfg["data"].pop("root"), cfg["training"].pop("device")
+        if cfg["training"]["minutes"] > 0:
+            cfg["training"].pop("steps")
+        return cfg
+    return essence(cfg_a) == essence(cfg_b)
+
+
+def total_steps_of(cfg):
+    """The run's optimiser steps: training.steps, else (a time budget not yet fixed) None, else
+    the epochs' worth."""
+    tr = cfg["training"]
+    if tr["steps"]:
+        return tr["steps"]
+    return None if tr["minutes"] > 0 else tr["epochs"] * (60000 // tr["batch_size"])
+
+
+BUDGET_STEPS = 20  # steps timed to fix a time budget's step count, after one that compiles
+BUDGET_RESERVE = 0.07  # share of a time budget kept for checkpoints, previews, the final grid and
+                       # steps slower than the timed ones (5% on a Zen 4: data, checkpoints, progress bar)
+
+
+def budgeted_steps(minutes, seconds_so_far, seconds_per_step):
+    """The step count that ends a run within `minutes`, given the seconds already spent
+    (start-up and compilation) and the measured seconds per step, keeping BUDGET_RESERVE."""
+    seconds_left = minutes * 60 * (1 - BUDGET_RESERVE) - seconds_so_far
+    return max(1, int(seconds_left / seconds_per_step))
+
+
+def measure_seconds_per_step(step_once, snapshot_of):
+    """Seconds per training step, timed over BUDGET_STEPS calls of step_once() after a first
+    one (which compiles), on a throw-away copy of the run: everything `snapshot_of` names
+    (model, EMA, optimiser, generators) is restored afterwards, so the run that follows is
+    the same as one started with its step count fixed."""
+    saved = {name: copy.deepcopy(get()) for name, (get, _) in snapshot_of.items()}
+    step_once()
+    start = time.perf_counter()
+    for _ in range(BUDGET_STEPS):
+        step_once()
+    seconds = (time.perf_counter() - start) / BUDGET_STEPS
+    for name, (_, restore) in snapshot_of.items():
+        restore(saved[name])
+    return seconds
+
+
+def guard_run_folder(cfg, state, out, overwrite):
+    """What to do with a checkpoint already in `out`: resume it when it is this run unfinished,
+    refuse when it is another run, and never silently redo a finished one. Returns the config
+    and the state to continue (None to start from scratch); a time-budgeted run resumed from
+    the folder keeps the step count it chose."""
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    if state is None and os.path.exists(ckpt_path) and not overwrite:
+        existing = load_checkpoint(ckpt_path, training=True)
+        if not same_run(existing["config"], cfg):
+            raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
+                            f"pick a new --out DIR, or pass --overwrite to start over")
+        state = existing
+        cfg = helper.merge_config(cfg, {"training": {"steps": existing["config"]["training"]["steps"]}})
+        if state["step"] < total_steps_of(cfg):
+            print(f"{ckpt_path} is this run, unfinished at step {state['step']}; resuming it")
+    if state is not None and state["step"] >= total_steps_of(cfg):
+        raise RunComplete(f"{ckpt_path} is complete at step {state['step']} of {total_steps_of(cfg)}; "
+                          f"nothing to do (more steps: --resume {ckpt_path} --steps N)")
+    return cfg, state
+
+
+class RunComplete(Exception):
+    """The run in the folder has already reached its step count."""
+
+
+class RunLock:
+    """A lock file out/.lock holding the owner's pid, so two runs never write one folder. A lock
+    whose pid no longer runs (the owner was killed) is stale and taken over."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, ".lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is not None and pid_alive(owner):
+                    raise UserError(f"another run (pid {owner}) is writing {os.path.dirname(self.path)}; "
+                                    f"wait for it or pick another --out") from None
+                try:
+                    os.remove(self.path)  # stale: its owner is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            for leftover in glob.glob(os.path.join(glob.escape(os.path.dirname(self.path)), "*.pt.*.tmp")):
+                os.remove(leftover)  # a temporary checkpoint of a killed run: never renamed, never needed
+            return self
+        raise UserError(f"could not take the lock {self.path}; another run is starting there")
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    def __exit__(self, *exc):
+        if self.owner() == os.getpid():
+            os.remove(self.path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop finishes the current step, checkpoints
+    and exits with 128 + the signal's number (130, 143)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        for other, handler in self.previous.items():
+            signal.signal(other, handler)  # a second signal interrupts at once
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
