@@ -25,6 +25,25 @@ def digits(mnist_root):
 
 
 @pytest.fixture(scope="session")
+def trained(tmp_path_factory, mnist_root):
+    """One smoke run of `python main.py` (its main, in this process), for every test that only
+    reads its checkpoint, weights file or figures."""
+    import main
+    out = tmp_path_factory.mktemp("run")
+    main.main(["--preset", "smoke", "--data-root", mnist_root, "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory, mnist_root):
+    """The same with `--conditional`: a smoke model that learns the digit too."""
+    import main
+    out = tmp_path_factory.mktemp("conditional")
+    main.main(["--preset", "smoke", "--conditional", "--data-root", mnist_root, "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
 def classifier_file(tmp_path_factory, mnist_root):
     """A feature classifier trained briefly (3 epochs) on 6000 digits, saved where evaluate.py caches it."""
     import torch

@@ -1,6 +1,7 @@
 """Faults a run must survive on the smoke preset: kill -9 at any moment (also between writing
 a checkpoint and renaming it), SIGTERM, a second command into the same folder, a failing disk,
 sampling far more digits than one batch, and damaged inputs of every kind."""
+import errno
 import glob
 import os
 import random
@@ -19,7 +20,7 @@ import main
 import runs
 from conftest import REPO
 from helper import UserError
-from test_scripts import assert_one_line_error, assert_same_run, run_script, smoke_config
+from test_scripts import assert_one_line_error, assert_same_run, run_in_process, run_script, smoke_config
 
 STEPS = 40  # smoke steps of the interrupted runs; checkpoints every 4
 
@@ -97,7 +98,7 @@ def test_kill_between_writing_and_renaming_a_checkpoint_keeps_the_previous_one(m
     assert code == -signal.SIGKILL
     assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 8  # the third write (step 12) died
     assert len(glob.glob(str(tmp_path / "ckpt.pt.*.tmp"))) == 1  # the half-done write, never renamed
-    code, _, stderr = run_script(*train_args(mnist_root, tmp_path))
+    code, _, stderr = run_in_process(*train_args(mnist_root, tmp_path))
     assert code == 0, stderr
     assert_same_run(tmp_path / "ckpt.pt", reference)
     assert not glob.glob(str(tmp_path / "*.tmp"))
@@ -107,7 +108,7 @@ def test_sigterm_checkpoints_like_ctrl_c_and_the_lock_refuses_a_second_run(mnist
     ckpt = tmp_path / "ckpt.pt"
     proc = start(train_args(mnist_root, tmp_path, 100000))
     checkpoint_step(ckpt)
-    code, _, stderr = run_script(*train_args(mnist_root, tmp_path, 100000))  # the same run, while it runs
+    code, _, stderr = run_in_process(*train_args(mnist_root, tmp_path, 100000))  # the same run, while it runs
     assert_one_line_error(code, stderr, f"another run (pid {proc.pid}) is writing")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -132,14 +133,16 @@ def test_another_run_into_a_used_folder_is_refused_and_a_finished_one_is_never_r
     assert runs.load_checkpoint(str(tmp_path / "ckpt.pt"))["step"] == 4  # only on request
 
 
-def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_line(mnist_root, tmp_path):
-    patch = ("import errno, os, torch\nreal, calls = torch.save, []\n"
-             "def full_disk(obj, f):\n"
-             "    calls.append(1)\n"
-             "    if len(calls) == 2: raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
-             "    real(obj, f)\n"
-             "torch.save = full_disk")
-    code, _, stderr = run_with_patch(patch, train_args(mnist_root, tmp_path, 12))
+def test_a_failing_checkpoint_write_keeps_the_previous_file_and_says_so_in_one_line(mnist_root, tmp_path, monkeypatch):
+    real, calls = torch.save, []
+
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(obj, f)
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, _, stderr = run_in_process(*train_args(mnist_root, tmp_path, 12))
     assert code == 1, stderr
     lines = stderr.strip().splitlines()
     assert "Traceback" not in stderr and f"could not write {tmp_path / 'ckpt.pt'}: No space left on device" in lines[-1]
@@ -174,27 +177,25 @@ def test_kept_freed_memory_stops_the_page_faults_of_large_tensors():
 def peak_rss_mb(checkpoint, out, num_samples):
     source = ("import resource, runs, loadmodel\n"  # runs.run: as `python loadmodel.py` runs, freed memory kept
               f"runs.run(lambda: loadmodel.main([{str(checkpoint)!r}, '--num-samples', '{num_samples}', "
-              f"'--batch-size', '50', '--steps', '5', '--out', {str(out)!r}]))\n"
+              f"'--batch-size', '50', '--steps', '1', '--out', {str(out)!r}]))\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     proc = subprocess.run([sys.executable, "-c", source], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def test_loadmodel_memory_does_not_grow_with_the_number_of_samples(mnist_root, tmp_path):
-    main.train(smoke_config(mnist_root), str(tmp_path), progress=False)
-    small, large = (peak_rss_mb(tmp_path / "ckpt.pt", tmp_path / str(n), n) for n in (50, 2000))
-    # in one batch, 2000 samples' activations take 100 MB each and their trajectories (6 steps,
-    # float32) 38 MB; in batches of 50 only the digits grow, 1.5 MB as uint8
+def test_loadmodel_memory_does_not_grow_with_the_number_of_samples(trained, tmp_path):
+    """One sampler step per batch: what a batch holds does not depend on the number of steps."""
+    small, large = (peak_rss_mb(trained / "ckpt.pt", tmp_path / str(n), n) for n in (50, 2000))
+    # in one batch, 2000 samples' activations would take 100 MB each; in batches of 50 only the
+    # digits grow, 1.5 MB as uint8
     assert large - small < 30, (small, large)
     assert len(np.load(tmp_path / "2000" / "samples.npz")["arr_0"]) == 2000
 
 
 @pytest.fixture(scope="module")
-def checkpoint_bytes(tmp_path_factory, mnist_root):
-    out = tmp_path_factory.mktemp("fuzz")
-    main.train(smoke_config(mnist_root), str(out), progress=False)
-    return (out / "ckpt.pt").read_bytes()
+def checkpoint_bytes(trained):
+    return (trained / "ckpt.pt").read_bytes()
 
 
 def damaged_configs():
@@ -249,5 +250,5 @@ def test_damaged_inputs_give_one_line_on_the_command_line(checkpoint_bytes, tmp_
     for args, fragment in [(["loadmodel.py", str(tmp_path / "truncated.pt")], "not a readable checkpoint"),
                            (["evaluate.py", str(tmp_path / "random.npz")], "not a readable .npz"),
                            (["main.py", "--resume", str(tmp_path / "truncated.pt")], "not a readable checkpoint")]:
-        code, _, stderr = run_script(*args, timeout=60)
+        code, _, stderr = run_in_process(*args)
         assert_one_line_error(code, stderr, fragment)

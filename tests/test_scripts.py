@@ -1,5 +1,9 @@
 """The scripts end to end on the smoke preset: training, resume, interruption, NaN,
 sampling, figures, and a one-line error with exit code 2 for every bad input."""
+import contextlib
+import functools
+import importlib
+import io
 import json
 import os
 import signal
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmark
 import helper
 import loadmodel
 import main
@@ -32,13 +37,17 @@ def run_script(*args, timeout=120, cwd=REPO):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_root):
-    """A smoke checkpoint written by `python main.py`."""
-    out = tmp_path_factory.mktemp("run")
-    code, stdout, stderr = run_script("main.py", "--preset", "smoke", "--data-root", mnist_root, "--out", str(out))
-    assert code == 0, stderr
-    return out
+def run_in_process(*args):
+    """Run a script as `python SCRIPT ARGS` does, its main() under runs.run, but in this process
+    (no interpreter start-up): returns (exit code, stdout, stderr) as run_script does."""
+    script = importlib.import_module(args[0].removesuffix(".py"))
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runs.run(lambda: script.main(list(args[1:])))
+        except SystemExit as exit:
+            code = exit.code
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def test_main_writes_checkpoint_samples_and_loss_curve(trained):
@@ -57,17 +66,17 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
     loadmodel.main([str(trained / "ckpt.pt"), "--num-samples", "3", "--seed", "7", "--out", str(tmp_path / "ckpt")])
     a, b = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("ema", "ckpt"))
     assert np.array_equal(a, b)
-    code, _, stderr = run_script("main.py", "--resume", str(trained / "ema.pt"))
+    code, _, stderr = run_in_process("main.py", "--resume", str(trained / "ema.pt"))
     assert_one_line_error(code, stderr, "weights-only files cannot be resumed")
 
 
-def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path):
+def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path, monkeypatch):
     state = torch.load(loadmodel.PRETRAINED, map_location="cpu", weights_only=True)
     assert state.keys() == runs.SAMPLING_KEYS
     shipped, default = helper.merge_config(helper.config, state["config"]), helper.get_config("cpu")
     assert all(shipped[section] == default[section] for section in ("model", "diffusion", "sampling"))
-    code, stdout, stderr = run_script(os.path.join(REPO, "loadmodel.py"), "--num-samples", "10", "--steps", "5",
-                                      "--out", str(tmp_path), cwd=tmp_path)  # no out/ckpt.pt there
+    monkeypatch.chdir(tmp_path)  # no out/ckpt.pt here
+    code, stdout, stderr = run_in_process("loadmodel.py", "--num-samples", "10", "--steps", "5", "--out", str(tmp_path))
     assert code == 0, stderr
     assert "sampling the shipped weights" in stdout
     archive = np.load(tmp_path / "samples.npz")  # conditional: one of each digit
@@ -196,6 +205,7 @@ def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_
         measured.append((minutes, seconds_so_far, seconds_per_step))
         return 6
     monkeypatch.setattr(runs, "budgeted_steps", budgeted)
+    monkeypatch.setattr(runs, "BUDGET_STEPS", 2)  # timing 2 steps runs the same code as timing 20
     budget_args = ["--preset", "smoke", "--minutes", "2", "--data-root", mnist_root, "--out"]
     main.main(budget_args + [str(tmp_path / "budget")])
     [(minutes, seconds_so_far, seconds_per_step)] = measured
@@ -258,7 +268,7 @@ def test_ctrl_c_checkpoints_and_resume_finishes(mnist_root, tmp_path):
     assert "interrupted (SIGINT) at step" in stderr and "Traceback" not in stderr
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < step < 100000
-    code, _, stderr = run_script("main.py", "--resume", str(ckpt), "--steps", str(step + 2))
+    code, _, stderr = run_in_process("main.py", "--resume", str(ckpt), "--steps", str(step + 2))
     assert code == 0, stderr
     assert torch.load(ckpt, weights_only=True)["step"] == step + 2
 
@@ -285,7 +295,7 @@ def test_loadmodel_runs_each_sampler_on_fewer_steps(trained, tmp_path, sampler, 
                                              (["--eta", "-1"], "sampling.eta must not be negative"),
                                              (["--sampler", "heun", "--eta", "2"], "heun sampler's eta must be in [0, 1]")])
 def test_loadmodel_refuses_bad_sampling_flags(trained, flags, fragment):
-    code, _, stderr = run_script("loadmodel.py", str(trained / "ckpt.pt"), *flags)
+    code, _, stderr = run_in_process("loadmodel.py", str(trained / "ckpt.pt"), *flags)
     assert_one_line_error(code, stderr, fragment)
 
 
@@ -341,12 +351,12 @@ def assert_one_line_error(code, stderr, *fragments):
     (["main.py", "--device", "tpu"], "device 'tpu' is not available"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, mnist_root):
-    code, _, stderr = run_script(*args, "--data-root", mnist_root) if args[0] == "main.py" else run_script(*args)
+    code, _, stderr = run_in_process(*args, "--data-root", mnist_root) if args[0] == "main.py" else run_in_process(*args)
     assert_one_line_error(code, stderr, fragment)
 
 
 def test_missing_mnist_names_the_four_files(tmp_path):
-    code, _, stderr = run_script("forwardprocess.py", "--data-root", str(tmp_path))
+    code, _, stderr = run_in_process("forwardprocess.py", "--data-root", str(tmp_path))
     assert_one_line_error(code, stderr, "MNIST not found", *runs.MNIST_FILES)
 
 
@@ -359,7 +369,7 @@ def test_non_checkpoint_and_truncated_files_are_refused(trained, tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     for path, fragment in [(text_file, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
                            (foreign, "not a checkpoint written by main.py")]:
-        code, _, stderr = run_script("loadmodel.py", str(path))
+        code, _, stderr = run_in_process("loadmodel.py", str(path))
         assert_one_line_error(code, stderr, fragment)
 
 
@@ -369,16 +379,18 @@ def test_checkpoint_with_incompatible_config_is_refused(trained, tmp_path):
     torch.save(state, tmp_path / "wrong_width.pt")
     state["config"]["model"]["heads"] = 4  # a key this code does not know
     torch.save(state, tmp_path / "unknown_key.pt")
-    code, _, stderr = run_script("loadmodel.py", str(tmp_path / "wrong_width.pt"))
+    code, _, stderr = run_in_process("loadmodel.py", str(tmp_path / "wrong_width.pt"))
     assert_one_line_error(code, stderr, "do not match the model")
-    code, _, stderr = run_script("main.py", "--resume", str(tmp_path / "unknown_key.pt"))
+    code, _, stderr = run_in_process("main.py", "--resume", str(tmp_path / "unknown_key.pt"))
     assert_one_line_error(code, stderr, "unknown checkpoint config.model key 'heads'")
 
 
-def test_benchmark_reports_throughput_flops_and_profile(tmp_path):
+def test_benchmark_reports_throughput_flops_and_profile(tmp_path, monkeypatch):
     path = tmp_path / "bench.json"
-    code, stdout, stderr = run_script("benchmark.py", "--preset", "smoke", "--variants", "eager fp32",
-                                      "--sample-batch", "8", "--profile", "--json", str(path), timeout=300)
+    # the ceiling's matrix multiply at n = 1024, the same code as the 4096 a benchmark times
+    monkeypatch.setattr(benchmark, "matmul_ceiling", functools.partial(benchmark.matmul_ceiling, n=1024))
+    code, stdout, stderr = run_in_process("benchmark.py", "--preset", "smoke", "--variants", "eager fp32",
+                                          "--sample-batch", "8", "--profile", "--json", str(path))
     assert code == 0, stderr
     result = json.loads(path.read_text())
     (row,) = result["rows"]
