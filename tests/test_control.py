@@ -256,6 +256,29 @@ def test_evaluate_scores_requested_digit_accuracy_of_a_labelled_npz(classifier_f
     assert right["accuracy"] > 0.9 and wrong["accuracy"] < 0.1
 
 
+def test_evaluate_warms_the_compiled_network_up_once_per_network_batch(monkeypatch, capsys):
+    """Guided rows call the network on 2B, unguided ones (w = 0 or 1, an unconditional model, the
+    steps outside a guidance interval) on B = min(N, SAMPLE_BATCH): one warm-up for each."""
+    _, cfg = conditional_model()
+    batches = []
+
+    def warming(model, cfg, sampler, steps, n, seed, device, labels):  # records the network's batch
+        guided = labels is not None and cfg["sampling"]["guidance"] not in (0, 1)
+        batches.append(2 * n if guided else n)
+    monkeypatch.setattr(evaluate, "generate", warming)
+    labels = torch.zeros(1200, dtype=torch.long)
+    for guidances, chosen, n, expected in [([None, 2.0], {"guidance": 1.5}, 1200, [1000]),
+                                           ([None, 0.0, 1.0], {"guidance": 1.5}, 1200, [500, 1000]),
+                                           ([None], {"guidance": 2.0, "guidance_interval": [0.5, 20.0]}, 300, [300, 600])]:
+        batches.clear()
+        evaluate.warm_up(None, helper.with_sampling(cfg, **chosen), guidances, n, 0, "cpu", labels[:n])
+        assert sorted(batches) == expected, guidances
+    batches.clear()
+    evaluate.warm_up(None, cfg, [None], 1200, 0, "cpu")  # no labels: an unconditional model
+    assert batches == [500]
+    assert "network batches of 500 in" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run, classifier_file, mnist_root,
                                                                  tmp_path):
     evaluate.main([str(conditional_run / "ckpt.pt"), "--num-samples", "20", "--guidance", "0,2", "--steps", "3",
