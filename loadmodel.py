@@ -111,7 +111,7 @@ def requested_labels(digit, num_samples, cfg):
 def load_ema_model(path, device, decay=None):
     """The EMA network of a checkpoint (or its extra EMA of that decay) and the config stored with it."""
     state = runs.load_checkpoint(path)
-    cfg = helper.checkpoint_config(state)
+    cfg = state["config"]
     model = Model.from_config(cfg)
     weights, decays = state["ema"], cfg["training"]["extra_ema_decays"]
     if decay is not None and decay != cfg["training"]["ema_decay"]:

@@ -66,7 +66,7 @@ def resolve(args):
             raise UserError("--resume takes its preset, settings, seed and conditioning from the checkpoint; "
                             "drop --preset/--set/--seed/--conditional/--unconditional/--overwrite")
         state = runs.load_checkpoint(args.resume, training=True)
-        cfg = helper.checkpoint_config(state)
+        cfg = state["config"]
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")

@@ -203,7 +203,8 @@ SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a rel
 
 def load_checkpoint(path, training=False):
     """Read a checkpoint written by main.py, tensors and plain types only (weights_only); for
-    sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state."""
+    sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state.
+    Its config comes back resolved (helper.checkpoint_config): defaults filled in, validated."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -218,7 +219,7 @@ def load_checkpoint(path, training=False):
         if not isinstance(state[key], CHECKPOINT_KINDS[key]):
             raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, "
                             f"not a {CHECKPOINT_KINDS[key].__name__}")
-    helper.checkpoint_config(state)  # refuses a config this code cannot run
+    state["config"] = helper.checkpoint_config(state)
     return state
 
 
