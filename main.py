@@ -11,6 +11,7 @@ and a lock file keeps two runs from writing one folder at once. Ctrl-C and SIGTE
 step, checkpoint and exit; kill -9 or a power cut loses at most the steps since the last
 checkpoint, since checkpoints are written to a temporary file, synced, then renamed.
 """
+import contextlib
 import copy
 import functools
 import json
@@ -107,10 +108,20 @@ def lr_at(step, tr, total_steps):
     return tr["lr"] * (tr["min_lr_ratio"] + (1 - tr["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def drop_labels(y, p_uncond, null_label, generator):
+def rows_of(part, size):
+    """Part k of n of a global batch (under torchrun, rank k of n processes; (0, 1) alone), for a
+    part of `size` rows. Every process draws its noise for the whole global batch, as one process
+    would, and keeps these rows: n processes train on the draws of one."""
+    k, n = part
+    return slice(k * size, (k + 1) * size), n * size
+
+
+def drop_labels(y, p_uncond, null_label, generator, part=(0, 1)):
     """Classifier-free guidance training (Ho & Salimans 2022 Alg. 1): each label is replaced
-    by the null label with probability p_uncond, so one network learns p(x | y) and p(x)."""
-    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    by the null label with probability p_uncond, so one network learns p(x | y) and p(x).
+    `part` as in diffusion_loss."""
+    rows, n = rows_of(part, len(y))
+    drop = torch.rand(n, generator=generator, device=y.device)[rows] < p_uncond
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
@@ -125,23 +136,25 @@ def lognormal_probs(sched, p_mean, p_std):
     return torch.diff(cdf, prepend=torch.zeros(1, dtype=cdf.dtype), append=torch.ones(1, dtype=cdf.dtype))
 
 
-def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None):
+def diffusion_loss(model, x_0, sched, cfg, generator, bf16, y=None, part=(0, 1)):
     """DDPM Algorithm 1 / L_simple (eq. 14): t ~ U{1..T} (or EDM's log-normal noise levels),
     eps ~ N(0, I), regress the network output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
     onto its target.
     The squared error is averaged (not summed) over pixels and batch, so the loss scale and
     the useful learning rate do not depend on batch or image size. A conditional model also
-    sees the digits' labels y (B,), some of them dropped to the null label."""
-    B, tr, prediction = x_0.shape[0], cfg["training"], cfg["diffusion"]["prediction"]
+    sees the digits' labels y (B,), some of them dropped to the null label. Under torchrun x_0
+    is part `part` of the global batch (rows_of)."""
+    tr, prediction = cfg["training"], cfg["diffusion"]["prediction"]
+    rows, B = rows_of(part, x_0.shape[0])
     if tr["timesteps"] == "uniform":
-        t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)
+        t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)[rows]
     else:
         probs = lognormal_probs(sched, tr["p_mean"], tr["p_std"]).to(x_0.device, torch.float32)
-        t = torch.multinomial(probs, B, replacement=True, generator=generator)
-    eps = torch.randn(x_0.shape, generator=generator, device=x_0.device)
+        t = torch.multinomial(probs, B, replacement=True, generator=generator)[rows]
+    eps = torch.randn((B, *x_0.shape[1:]), generator=generator, device=x_0.device)[rows]
     x_t = helper.q_sample(x_0, t, eps, sched)
     if y is not None:
-        y = drop_labels(y, tr["p_uncond"], cfg["model"]["num_classes"], generator)
+        y = drop_labels(y, tr["p_uncond"], cfg["model"]["num_classes"], generator, part)
     x_in = helper.network_input(x_t, t, sched, prediction)
     with runs.autocast(x_0.device.type, bf16):
         output = model(x_in, t) if y is None else model(x_in, t, y)
@@ -184,12 +197,15 @@ def update_ema(ema, model, decay):
         ema_param.lerp_(param, 1 - decay)
 
 
-def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None, extra_emas=()):
+def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None, extra_emas=(),
+               part=(0, 1)):
     """One optimiser step on a batch x_0 (B, C, S, S) (labels y (B,) for a conditional model):
     loss, backward, clipping, update, EMA (and the extra EMAs of training.extra_ema_decays).
-    `network` is `model` itself or its compiled wrapper. Returns the loss as a Python float."""
+    `network` is `model` itself, or its DistributedDataParallel or compiled wrapper (which
+    average the gradients over the processes in backward, so each one clips and steps alike).
+    Under torchrun x_0 is part `part` of the global batch. Returns this part's loss, a float."""
     tr = cfg["training"]
-    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16, y)
+    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16, y, part)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tr["grad_clip"] > 0:
@@ -237,12 +253,17 @@ def save_loss_curve(losses, lrs, path):
     plt.close(fig)
 
 
-def train(cfg, out, state=None, progress=True):
+def train(cfg, out, state=None, progress=True, processes=None):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
     returns the EMA model and the per-step losses and learning rates. A time budget
-    (training.minutes, steps 0) is turned into a step count first, recorded in cfg."""
+    (training.minutes, steps 0) is turned into a step count first, recorded in cfg.
+    Under torchrun (`processes`, entered), each process trains on its rows of every global batch
+    and rank 0 writes the checkpoints."""
     started = time.perf_counter()
     tr, device = cfg["training"], runs.resolve_device(cfg["training"]["device"])
+    processes = processes or runs.Processes(device)
+    processes.check_batch(tr["batch_size"])
+    part, first = (processes.rank, processes.count), processes.rank == 0
     images, labels = runs.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
     images, labels = images.to(device), labels.to(device)
     conditional = cfg["model"]["num_classes"] > 0
@@ -253,7 +274,6 @@ def train(cfg, out, state=None, progress=True):
 
     torch.manual_seed(tr["seed"])
     model = prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = compiled(model, cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     extra_emas = torch.nn.ModuleList(copy.deepcopy(ema) for _ in tr["extra_ema_decays"])  # for evaluate.py --ema
     optimizer = make_optimizer(model, tr)
@@ -270,51 +290,64 @@ def train(cfg, out, state=None, progress=True):
         generator.set_state(state["rng"]["noise"])
         if device == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+        trained_on = state.get("processes", 1)
+        if trained_on != processes.count:
+            print(f"resuming a run of {trained_on} process{'es' * (trained_on > 1)} on {processes.count}: the same "
+                  f"images and noise per step, but gradients summed in another order, so not bit for bit")
+    network = compiled(processes.parallel(model), cfg)
     total_steps = runs.total_steps_of(cfg)
     print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
           f"{' (bf16 autocast)' if bf16 else ''}: steps {step} -> {total_steps or 'what the time budget fits'}, "
           f"{steps_per_epoch} per epoch"
           f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     if total_steps is None:  # a time budget: time steps on the first batch, then fix the count
-        x_0 = runs.to_model_range(images[:tr["batch_size"]], cfg["data"]["image_size"])
-        y = labels[:tr["batch_size"]] if conditional else None
+        x_0 = runs.to_model_range(processes.rows(images[:tr["batch_size"]]), cfg["data"]["image_size"])
+        y = processes.rows(labels[:tr["batch_size"]]) if conditional else None
         seconds_per_step = runs.measure_seconds_per_step(
-            lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas),
+            lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas,
+                               part),
             {"model": (model.state_dict, model.load_state_dict), "ema": (ema.state_dict, ema.load_state_dict),
              "extra_emas": (extra_emas.state_dict, extra_emas.load_state_dict),
              "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
              "noise": (generator.get_state, generator.set_state), "torch": (torch.get_rng_state, torch.set_rng_state)})
-        total_steps = runs.budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step)
+        total_steps = processes.from_rank_0(
+            runs.budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step))
         tr["steps"] = total_steps  # in every checkpoint: resume continues this count
         print(f"time budget {tr['minutes']:g} min: {seconds_per_step:.2f} s per step measured, "
               f"{time.perf_counter() - started:.0f} s spent on start-up and compilation -> {total_steps} steps")
 
-    def checkpoint():
+    def checkpoint():  # every process holds the same state: rank 0 writes it
+        if not first:
+            return
         rng = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
         if device == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         runs.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(),
                                 "extra_emas": extra_emas.state_dict(), "optimizer": optimizer.state_dict(),
-                                "step": step, "config": cfg, "rng": rng, "losses": losses, "lrs": lrs}, ckpt_path)
+                                "step": step, "config": cfg, "rng": rng, "losses": losses, "lrs": lrs,
+                                "processes": processes.count}, ckpt_path)
         save_preview(ema, cfg, device, os.path.join(out, f"samples_step{step}.png"))
 
     model.train()
     order, smoothed, tick = None, None, time.perf_counter()
-    with runs.StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True) as bar:
+    with runs.StopRequest() as stop, tqdm(total=total_steps, initial=step, disable=not (progress and first),
+                                          dynamic_ncols=True) as bar:
         while step < total_steps:
             epoch, index = divmod(step, steps_per_epoch)
             if order is None or index == 0:
                 # the data order of an epoch depends only on (seed, epoch): resume needs no state
                 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(tr["seed"] * 100003 + epoch))
-            batch = order[index * tr["batch_size"]:(index + 1) * tr["batch_size"]].to(device)
-            x_0 = runs.to_model_range(images[batch], cfg["data"]["image_size"])  # (B, 1, S, S)
+            batch = order[index * tr["batch_size"]:(index + 1) * tr["batch_size"]]  # the global batch
+            batch = processes.rows(batch).to(device)
+            x_0 = runs.to_model_range(images[batch], cfg["data"]["image_size"])  # (B / processes, 1, S, S)
             y = labels[batch] if conditional else None
 
             lr = lr_at(step, tr, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y,
-                                    extra_emas)
+                                    extra_emas, part)
+            loss_value, signum = processes.agree(loss_value, stop.signum or 0)
             if not math.isfinite(loss_value):  # the weights in memory are spoilt; the file is not
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
                 raise RunError(f"loss is {loss_value} at step {step}; stopping ({kept})")
@@ -330,19 +363,24 @@ def train(cfg, out, state=None, progress=True):
             bar.update(1)
             if step % tr["checkpoint_every"] == 0 or step == total_steps:
                 checkpoint()
-            if stop.signum is not None:
+            if signum:
                 checkpoint()
                 bar.close()
-                print(f"interrupted ({signal.Signals(stop.signum).name}) at step {step}; saved {ckpt_path}; "
-                      f"continue with python main.py --resume {ckpt_path}", file=sys.stderr)
-                sys.exit(128 + stop.signum)
+                if first:
+                    again = "the same torchrun command" if processes.launched else f"python main.py --resume {ckpt_path}"
+                    print(f"interrupted ({signal.Signals(signum).name}) at step {step}; saved {ckpt_path}; "
+                          f"continue with {again}", file=sys.stderr)
+                sys.exit(128 + signum)
     return ema, losses, lrs
 
 
 def main(argv=None):
     args = parse_args(argv)
     cfg, state, out = resolve(args)
-    with runs.RunLock(out):
+    processes = runs.Processes(runs.resolve_device(cfg["training"]["device"]))
+    processes.check_batch(cfg["training"]["batch_size"])
+    # under torchrun every process reads the folder alike; rank 0 holds the lock for the job
+    with processes, runs.RunLock(out) if processes.rank == 0 else contextlib.nullcontext():
         try:
             cfg, state = runs.guard_run_folder(cfg, state, out, args.overwrite)
         except runs.RunComplete as complete:
@@ -350,8 +388,9 @@ def main(argv=None):
             return
         print(json.dumps(cfg, indent=1))
         start = time.perf_counter()
-        ema, losses, lrs = train(cfg, out, state)
-        finish(ema, losses, lrs, cfg, out, start)
+        ema, losses, lrs = train(cfg, out, state, processes=processes)
+        if processes.rank == 0:
+            finish(ema, losses, lrs, cfg, out, start)
 
 
 def finish(ema, losses, lrs, cfg, out, start):

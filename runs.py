@@ -291,13 +291,14 @@ def run(main):
     stderr and exit code 2 and RunError into one line and exit code 1 (Ctrl-C outside the
     training loop, which checkpoints first, exits 130 quietly)."""
     keep_freed_memory()
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says what all processes hit
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr) if speaks else None
         sys.exit(2)
     except RunError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr) if speaks else None
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -453,3 +454,73 @@ class StopRequest:
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------
+# Several processes: torchrun's data parallelism.
+
+class Processes:
+    """The processes that train one run: this one alone (`python main.py`), or those torchrun
+    started (it sets RANK, WORLD_SIZE and LOCAL_RANK), one per device, joined in a process group
+    (gloo on CPU, NCCL on CUDA) for DistributedDataParallel. Each process trains on its own rows
+    of every global batch; rank 0 alone writes files and prints. As a context manager it sets
+    the group up and takes it down; alone, it does nothing."""
+
+    def __init__(self, device="cpu", environ=os.environ):
+        self.launched = "RANK" in environ and "WORLD_SIZE" in environ
+        self.rank, self.count = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
+        self.local_rank, self.device = int(environ.get("LOCAL_RANK", 0)), device
+
+    def check_batch(self, batch_size):
+        """A UserError when a global batch does not split into equal parts, one per process."""
+        if batch_size % self.count:
+            raise UserError(f"the batch of {batch_size} does not divide over {self.count} processes; "
+                            f"use a process count that divides it, or --set training.batch_size=N")
+
+    def rows(self, batch):
+        """This process's rows of a global batch (a tensor indexed by its first dimension)."""
+        size = len(batch) // self.count
+        return batch[self.rank * size:(self.rank + 1) * size]
+
+    def __enter__(self):
+        if self.launched:
+            if self.device == "cuda":
+                if self.local_rank >= torch.cuda.device_count():
+                    raise UserError(f"torchrun started process {self.local_rank} of a machine with "
+                                    f"{torch.cuda.device_count()} CUDA device(s): one process per GPU "
+                                    f"(--nproc_per_node {torch.cuda.device_count()}), or --device cpu")
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group("nccl" if self.device == "cuda" else "gloo")
+            if self.rank:
+                sys.stdout = open(os.devnull, "w")  # rank 0 prints for the run
+        return self
+
+    def __exit__(self, *exc):
+        if self.launched:
+            torch.distributed.destroy_process_group()
+
+    def parallel(self, model):
+        """`model` under DistributedDataParallel, which averages the gradients over the processes
+        in backward (and makes every process start from rank 0's weights); `model` itself when alone."""
+        if not self.launched:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.local_rank] if self.device == "cuda" else None)
+
+    def agree(self, loss, signum):
+        """The mean of the processes' losses and the largest stop signal any received (0: none), so
+        every process logs the same loss and all stop at the same step."""
+        if not self.launched:
+            return loss, signum
+        values = torch.tensor([loss, float(signum)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values[:1])
+        torch.distributed.all_reduce(values[1:], op=torch.distributed.ReduceOp.MAX)
+        return values[0].item() / self.count, int(values[1].item())
+
+    def from_rank_0(self, number):
+        """Rank 0's `number` (an int) on every process."""
+        if not self.launched:
+            return number
+        value = torch.tensor([number], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(value, src=0)
+        return int(value.item())
