@@ -367,7 +367,8 @@ def train(cfg, out, state=None, progress=True, processes=None):
                 checkpoint()
                 bar.close()
                 if first:
-                    again = "the same torchrun command" if processes.launched else f"python main.py --resume {ckpt_path}"
+                    again = f"python main.py --resume {ckpt_path}"
+                    again = "the same torchrun command" if processes.launched else again
                     print(f"interrupted ({signal.Signals(signum).name}) at step {step}; saved {ckpt_path}; "
                           f"continue with {again}", file=sys.stderr)
                 sys.exit(128 + signum)

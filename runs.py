@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -469,7 +470,8 @@ class Processes:
     def __init__(self, device="cpu", environ=os.environ):
         self.launched = "RANK" in environ and "WORLD_SIZE" in environ
         self.rank, self.count = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
-        self.local_rank, self.device = int(environ.get("LOCAL_RANK", 0)), device
+        self.local_rank, self.per_machine = int(environ.get("LOCAL_RANK", 0)), int(environ.get("LOCAL_WORLD_SIZE", 1))
+        self.device = device
 
     def check_batch(self, batch_size):
         """A UserError when a global batch does not split into equal parts, one per process."""
@@ -485,8 +487,8 @@ class Processes:
     def __enter__(self):
         if self.launched:
             if self.device == "cuda":
-                if self.local_rank >= torch.cuda.device_count():
-                    raise UserError(f"torchrun started process {self.local_rank} of a machine with "
+                if self.per_machine > torch.cuda.device_count():  # every process says so, rank 0 prints it
+                    raise UserError(f"torchrun started {self.per_machine} processes on a machine with "
                                     f"{torch.cuda.device_count()} CUDA device(s): one process per GPU "
                                     f"(--nproc_per_node {torch.cuda.device_count()}), or --device cpu")
                 torch.cuda.set_device(self.local_rank)
@@ -504,6 +506,9 @@ class Processes:
         in backward (and makes every process start from rank 0's weights); `model` itself when alone."""
         if not self.launched:
             return model
+        # attention's proj_out reads a transposed view, so its 1x1 weight's gradient comes with
+        # other (equivalent) strides and DDP copies it into its bucket: a few KB, not worth a warning
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         return torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[self.local_rank] if self.device == "cuda" else None)
 

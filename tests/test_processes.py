@@ -114,3 +114,11 @@ def test_a_batch_that_does_not_divide_over_the_processes_is_one_line_and_exit_2(
     assert not (tmp_path / "ckpt.pt").exists()
     monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "3")  # a worker as torchrun starts it
     assert_one_line_error(*run_in_process("main.py", *train_args(mnist_root, tmp_path))[::2], error)
+
+
+def test_more_processes_than_gpus_is_one_line_on_every_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    with pytest.raises(runs.UserError, match="torchrun started 2 processes on a machine with 1 CUDA device"):
+        with runs.Processes("cuda", environ):
+            pass
