@@ -10,6 +10,11 @@ checkpoint is the same run unfinished resumes it, any other refuses (--overwrite
 and a lock file keeps two runs from writing one folder at once. Ctrl-C and SIGTERM finish the
 step, checkpoint and exit; kill -9 or a power cut loses at most the steps since the last
 checkpoint, since checkpoints are written to a temporary file, synced, then renamed.
+
+    torchrun --standalone --nproc_per_node N main.py [...]
+
+trains the same run on N processes (one per GPU, or CPU processes) with DistributedDataParallel:
+each takes its rows of every global batch, rank 0 writes (docs/processes.md).
 """
 import contextlib
 import copy
