@@ -497,8 +497,10 @@ class Processes:
                 sys.stdout = open(os.devnull, "w")  # rank 0 prints for the run
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
         if self.launched:
+            if kind is None or issubclass(kind, SystemExit):  # every rank is here: leave together
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def parallel(self, model):

@@ -34,10 +34,16 @@ def launch(argv):
 
 def worker_of_rank(launcher, rank):
     """The pid of torchrun's worker process of this rank."""
-    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                return int(pid)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(pid)
     raise AssertionError(f"no worker of rank {rank} under torchrun (pid {launcher.pid})")
 
 
