@@ -28,6 +28,7 @@ config = {
         "resamp_with_conv": True,  # strided conv down / conv after nearest-neighbour up
         "num_classes": 0,          # 0: unconditional; 10: class-conditional on the MNIST digit
         "norm_group_channels": 4,  # channels per GroupNorm group (at most 32 groups per layer)
+        "guidance_embedding": False,  # the guidance weight w is an input (a guidance-distilled student)
     },
     "diffusion": {
         "T": 50,                   # number of diffusion steps
@@ -81,6 +82,13 @@ config = {
                                    # lies in (lo, hi], w = 1 elsewhere (Kynkäänniemi et al. 2024); []: everywhere
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
         "num_samples": 64,         # samples in the grid main.py writes at the end
+    },
+    "distill": {                   # what distill.py made of a teacher (docs/distill.md)
+        "stage": "",               # "": trained by main.py; guidance: w is an input (Meng et al. 2023);
+                                   # progressive: a few-step student (Salimans & Ho 2022)
+        "steps": 0,                # progressive: the DDIM steps the student was distilled for
+        "guidance_range": [0.0, 2.0],  # guidance stage: w drawn uniformly from this range
+        "lr": 3e-4,                # students' peak learning rate (AdamW as training, cosine decay per stage)
     },
 }
 
@@ -217,6 +225,14 @@ def validate_config(cfg):
     check(0.0 <= tr["p_uncond"] <= 1.0, "training.p_uncond must be in [0, 1]")
     check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
     check(0 <= s["steps"] <= d["T"], f"sampling.steps must be in [0, T={d['T']}]")
+    ds = cfg["distill"]
+    check(ds["stage"] in ("", "guidance", "progressive"), f"unknown distill.stage '{ds['stage']}'")
+    check(not m["guidance_embedding"] or m["num_classes"] > 0, "model.guidance_embedding needs a conditional model")
+    check(ds["steps"] == 0 or (ds["steps"] & (ds["steps"] - 1) == 0 and ds["steps"] <= d["T"]),
+          f"distill.steps must be 0 or a power of two up to T, got {ds['steps']}")
+    low_high = ds["guidance_range"]
+    check(len(low_high) == 2 and 0 <= low_high[0] <= low_high[1],
+          f"distill.guidance_range must be [low, high] with 0 <= low <= high, got {low_high}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,9 +458,9 @@ def get_timestep_embedding(timesteps, embedding_dim):
 # (K, S+1, C, H, W), kept on the CPU: only what a figure shows is held in memory.
 
 def denoise(model, x_t, i, sched, prediction, clip_x0):
-    """One network call at step i of sched, turned into (x_0, eps) via predict_x0_eps;
-    x_0 optionally clipped to [-1, 1], eps then recomputed so the pair stays consistent."""
-    i_batch = torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
+    """One network call at step i of sched (an int, or (B,) steps), turned into (x_0, eps) via
+    predict_x0_eps; x_0 optionally clipped to [-1, 1], eps then recomputed so the pair stays consistent."""
+    i_batch = i if torch.is_tensor(i) else torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
     output = model(network_input(x_t, i_batch, sched, prediction), sched.timesteps.to(x_t.device)[i_batch]).float()
     x_0, eps = predict_x0_eps(output, x_t, i_batch, sched, prediction)
     if clip_x0:
@@ -608,24 +624,36 @@ class Guided(torch.nn.Module):
     towards y. Every parameterisation (eps, x0, v, edm) is affine in the network output at fixed x_t,
     so combining outputs here is combining the implied eps and x_0 in predict_x0_eps. Both
     passes run as one network call on a batch of 2B. guided_at (T,) bool, if given, limits the
-    guidance to the timesteps marked (Kynkäänniemi et al. 2024); elsewhere w = 1."""
+    guidance to the timesteps marked (Kynkäänniemi et al. 2024); elsewhere w = 1. A
+    guidance-distilled student (takes_w) is called once, with w as its input."""
 
-    def __init__(self, network, labels, guidance, null_label, guided_at=None):
+    def __init__(self, network, labels, guidance, null_label, guided_at=None, takes_w=False):
         super().__init__()
         self.network, self.labels, self.guidance, self.guided_at = network, labels, guidance, guided_at
-        self.null = torch.full_like(labels, null_label)
+        self.null, self.takes_w = torch.full_like(labels, null_label), takes_w
         # decided once for the batch (samplers call forward at every step): w = 0 or labels all null
         # need the null pass alone
         self.unconditional = guidance == 0 or bool((labels == null_label).all())
 
     def forward(self, x_t, t):
+        w = self.guidance if self.guided_at is None or self.guided_at[int(t[0])] else 1.0
+        if self.takes_w:  # a guidance-distilled student: w is its input, one pass of batch B
+            labels = self.null if self.unconditional else self.labels
+            return self.network(x_t, t, labels, torch.full(t.shape, float(w), device=x_t.device))
         if self.unconditional:
             return self.network(x_t, t, self.null)
-        if self.guidance == 1 or (self.guided_at is not None and not self.guided_at[int(t[0])]):
+        if w == 1:
             return self.network(x_t, t, self.labels)
         both = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
         conditional, unconditional = both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
-        return unconditional + self.guidance * (conditional - unconditional)
+        return guided_output(conditional, unconditional, w)
+
+
+def guided_output(conditional, unconditional, w):
+    """Ho & Salimans 2022 eq. 6 on the network's outputs, w a number or (B, 1, 1, 1): what Guided
+    samples with, and the target a guidance-distilled student learns in one pass (Meng et al.
+    2023 eq. 6)."""
+    return unconditional + w * (conditional - unconditional)
 
 
 def guided_network(network, cfg, labels):
@@ -641,7 +669,8 @@ def guided_network(network, cfg, labels):
     if interval:
         sigmas = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
         guided_at = (sigmas > interval[0]) & (sigmas <= interval[1])
-    return Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at)
+    return Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at,
+                  takes_w=cfg["model"]["guidance_embedding"])
 
 
 def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=True):
@@ -678,3 +707,30 @@ def sampling_schedule(cfg):
     if stops and stops < sched.T:
         sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
     return sched
+
+
+# ----------------------------------------------------------------------------------------
+# Progressive distillation (Salimans & Ho 2022), which distill.py trains with: a student of N
+# DDIM steps learns, in each of its steps, the two DDIM steps its teacher takes at 2N. Both
+# walk the trailing spacing, whose N levels are every other level of its 2N: the student's
+# level k is the teacher's level 2k + 1 (student_level_in_teacher).
+
+def ddim_step(x_0, eps, alpha_bar_next):
+    """DDIM's deterministic step (Song et al. 2021 eq. 12, eta = 0) to the level of alpha_bar_next
+    (a number or (B, 1, 1, 1)), from the (x_0, eps) implied at the current one:
+    x_next = sqrt(a_next) x_0 + sqrt(1 - a_next) eps."""
+    return alpha_bar_next ** 0.5 * x_0 + (1 - alpha_bar_next) ** 0.5 * eps
+
+
+def two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next):
+    """Salimans & Ho 2022 Algorithm 2: the x_0 whose one DDIM step from x_t (level a_t) lands on
+    x_next (level a_next), where the teacher's two steps landed. With alpha = sqrt(a) and
+    sigma = sqrt(1 - a):  x~ = (x_next - (sigma_next / sigma_t) x_t) / (alpha_next - (sigma_next / sigma_t) alpha_t);
+    at the last step, sigma_next = 0, it is x_next itself."""
+    ratio = ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
+    return (x_next - ratio * x_t) / (alpha_bar_next ** 0.5 - ratio * alpha_bar_t ** 0.5)
+
+
+def student_level_in_teacher(k):
+    """The teacher's level (of 2N, trailing) that is the student's level k (of N)."""
+    return 2 * k + 1

@@ -203,14 +203,15 @@ def update_ema(ema, model, decay):
 
 
 def train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y=None, extra_emas=(),
-               part=(0, 1)):
+               part=(0, 1), loss_of=diffusion_loss):
     """One optimiser step on a batch x_0 (B, C, S, S) (labels y (B,) for a conditional model):
     loss, backward, clipping, update, EMA (and the extra EMAs of training.extra_ema_decays).
+    `loss_of` takes diffusion_loss's arguments: distill.py passes its own.
     `network` is `model` itself, or its DistributedDataParallel or compiled wrapper (which
     average the gradients over the processes in backward, so each one clips and steps alike).
     Under torchrun x_0 is part `part` of the global batch. Returns this part's loss, a float."""
     tr = cfg["training"]
-    loss = diffusion_loss(network, x_0, sched, cfg, generator, bf16, y, part)
+    loss = loss_of(network, x_0, sched, cfg, generator, bf16, y, part)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if tr["grad_clip"] > 0:
@@ -226,7 +227,8 @@ def save_preview(ema, cfg, device, path, num_samples=20):
     """A small grid from the EMA weights at a checkpoint (fixed seed, 10 DDIM steps, a few seconds),
     to watch a run learn; a conditional model is asked for each digit in turn. Draws no training
     randomness, so resume stays exact."""
-    cfg = helper.with_sampling(cfg, sampler="ddim", steps=min(10, cfg["diffusion"]["T"]), eta=0.0, compile=False)
+    steps = cfg["distill"]["steps"] or min(10, cfg["diffusion"]["T"])  # a few-step student: its own steps
+    cfg = helper.with_sampling(cfg, sampler="ddim", steps=steps, eta=0.0, compile=False)
     num_classes = cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     samples = runs.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
@@ -258,12 +260,14 @@ def save_loss_curve(losses, lrs, path):
     plt.close(fig)
 
 
-def train(cfg, out, state=None, progress=True, processes=None):
+def train(cfg, out, state=None, progress=True, processes=None, loss_of=diffusion_loss, start_from=None):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
     returns the EMA model and the per-step losses and learning rates. A time budget
     (training.minutes, steps 0) is turned into a step count first, recorded in cfg.
     Under torchrun (`processes`, entered), each process trains on its rows of every global batch
-    and rank 0 writes the checkpoints."""
+    and rank 0 writes the checkpoints. distill.py trains its students here too, with its own
+    `loss_of` (as train_step's) and `start_from`, the weights a new student starts from (the
+    teacher's; layers the teacher lacks keep their initialisation)."""
     started = time.perf_counter()
     tr, device = cfg["training"], runs.resolve_device(cfg["training"]["device"])
     processes = processes or runs.Processes(device)
@@ -284,6 +288,9 @@ def train(cfg, out, state=None, progress=True, processes=None):
     optimizer = make_optimizer(model, tr)
     generator = torch.Generator(device).manual_seed(tr["seed"])  # t and eps draws
     step, losses, lrs = 0, [], []
+    if state is None and start_from is not None:
+        runs.load_weights(model, start_from, new_layers_allowed=True)
+        ema.load_state_dict(model.state_dict())
     if state is not None:
         runs.load_weights(model, state["model"])
         runs.load_weights(ema, state["ema"])
@@ -310,7 +317,7 @@ def train(cfg, out, state=None, progress=True, processes=None):
         y = processes.rows(labels[:tr["batch_size"]]) if conditional else None
         seconds_per_step = runs.measure_seconds_per_step(
             lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas,
-                               part),
+                               part, loss_of),
             {"model": (model.state_dict, model.load_state_dict), "ema": (ema.state_dict, ema.load_state_dict),
              "extra_emas": (extra_emas.state_dict, extra_emas.load_state_dict),
              "optimizer": (optimizer.state_dict, optimizer.load_state_dict),
@@ -351,7 +358,7 @@ def train(cfg, out, state=None, progress=True, processes=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_value = train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, step, y,
-                                    extra_emas, part)
+                                    extra_emas, part, loss_of)
             loss_value, signum = processes.agree(loss_value, stop.signum or 0)
             if not math.isfinite(loss_value):  # the weights in memory are spoilt; the file is not
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"

@@ -8,6 +8,8 @@ from helper import get_timestep_embedding
 from resnetblock import Normalize, ResnetBlock, nonlinearity
 from upsample import Upsample
 
+W_SCALE = 250.0  # guidance weight -> embedding argument: w = 4 turns it as t = 1000 does
+
 
 class Model(nn.Module):
     """conv_in -> down levels (ResnetBlocks [+ AttnBlock], Downsample) -> middle (Resnet, Attn,
@@ -16,10 +18,15 @@ class Model(nn.Module):
 
     With num_classes > 0 the network is also conditioned on a label y (B,) in 0..num_classes,
     where y = num_classes is the "null" label of classifier-free guidance (Ho & Salimans 2022):
-    a learned embedding of y is added to the time embedding."""
+    a learned embedding of y is added to the time embedding.
+
+    With guidance_embedding the network also takes the guidance weight w (B,) as an input
+    (a guidance-distilled student, Meng et al. 2023 §4.1): a sinusoidal embedding of w through
+    its own MLP is added to the time embedding as well. Its last layer starts at zero, so a
+    student copied from its teacher starts as the teacher's conditional network."""
 
     def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-                 in_channels, resolution, num_classes=0, norm_group_channels=4):
+                 in_channels, resolution, num_classes=0, norm_group_channels=4, guidance_embedding=False):
         super().__init__()
         self.ch, self.num_res_blocks, self.num_resolutions = ch, num_res_blocks, len(ch_mult)
         self.num_classes = num_classes
@@ -28,6 +35,11 @@ class Model(nn.Module):
         self.temb = nn.Sequential(nn.Linear(ch, self.temb_ch), nn.SiLU(), nn.Linear(self.temb_ch, self.temb_ch))
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes + 1, self.temb_ch)  # the last row: null label
+        self.guidance_embedding = guidance_embedding
+        if guidance_embedding:
+            self.guidance_emb = nn.Sequential(nn.Linear(ch, self.temb_ch), nn.SiLU(),
+                                              nn.Linear(self.temb_ch, self.temb_ch))
+            nn.init.zeros_(self.guidance_emb[-1].weight), nn.init.zeros_(self.guidance_emb[-1].bias)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         widths = [ch * m for m in ch_mult]
@@ -75,12 +87,15 @@ class Model(nn.Module):
     def from_config(cls, cfg):
         return cls(**cfg["model"], in_channels=cfg["data"]["channels"], resolution=cfg["data"]["image_size"])
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, w=None):
         assert x.ndim == 4 and t.shape == (x.shape[0],), f"x {tuple(x.shape)}, t {tuple(t.shape)}"
         assert (y is not None) == (self.num_classes > 0), "a label y for conditional models only"
+        assert (w is not None) == self.guidance_embedding, "a guidance weight w for guidance-distilled models only"
         temb = self.temb(get_timestep_embedding(t, self.ch))  # (B,) -> (B, 4 ch)
         if y is not None:
             temb = temb + self.label_emb(y)  # (B,) -> (B, 4 ch)
+        if w is not None:  # w scaled so its useful range, 0 to a few, turns the embedding as t's 0..T do
+            temb = temb + self.guidance_emb(get_timestep_embedding(W_SCALE * w, self.ch))  # (B,) -> (B, 4 ch)
 
         hs = [self.conv_in(x)]
         for i_level, level in enumerate(self.down):

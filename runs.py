@@ -224,11 +224,15 @@ def load_checkpoint(path, training=False):
     return state
 
 
-def load_weights(model, weights):
+def load_weights(model, weights, new_layers_allowed=False):
+    """Load a state dict into model, a UserError if it does not fit. new_layers_allowed: layers
+    of model that `weights` lacks keep their initialisation (a student's new input layers)."""
     try:
-        model.load_state_dict(weights)
+        missing, unexpected = model.load_state_dict(weights, strict=not new_layers_allowed)
     except (RuntimeError, TypeError, AttributeError):  # wrong shapes or names, or not a state dict at all
         raise UserError("checkpoint weights do not match the model its config describes") from None
+    if unexpected:
+        raise UserError("checkpoint weights do not match the model its config describes")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+"""Distil a trained model into one that samples in a few network calls (docs/distill.md).
+
+    python distill.py [TEACHER] [--out DIR] [--minutes M] [--start N] [--to N]
+                      [--set SECTION.KEY=VALUE ...] [--overwrite] [--data-root DIR] [--device D]
+
+1. Guidance distillation (Meng et al. 2023, stage 1), for a conditional teacher: a student
+   copied from the teacher's EMA weights, with the guidance weight w as one more input, learns
+   the guided output uncond + w (cond - uncond) in one pass of batch B instead of 2B.
+2. Progressive distillation (Salimans & Ho 2022, Algorithm 2): each round a student, copied
+   from its teacher, learns in one DDIM step the two DDIM steps its teacher takes, so the steps
+   halve: --start N (the first teacher's DDIM steps) -> N/2 -> ... -> --to.
+
+Each stage trains with main.py's own loop (main.train: time budget, atomic checkpoints,
+Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
+steps-16/, steps-8/, ...), and ends with an ordinary weights file, its ema.pt, whose config
+says what it is and how many steps it samples with; loadmodel.py, evaluate.py and edit.py load
+it like any other. The same command again resumes an interrupted stage and skips finished
+ones. --minutes is the whole budget, shared equally by the stages.
+"""
+import functools
+import os
+import time
+
+import torch
+
+import helper
+import main as training
+import runs
+from helper import Schedule, UserError
+from model import Model
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist-cpu.pt")
+
+
+def parse_args(argv=None):
+    parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("teacher", nargs="?",
+                        help="checkpoint to distil (default: the shipped weights, else out/ckpt.pt)")
+    parser.add_argument("--out", default=os.path.join("out", "distill"),
+                        help="folder of the stages (default: out/distill)")
+    parser.add_argument("--minutes", type=runs.positive_float, default=60.0,
+                        help="time budget of all the stages, shared equally (default: 60)")
+    parser.add_argument("--start", type=runs.positive_int, default=32,
+                        help="DDIM steps of the first progressive teacher (a power of two; default: 32)")
+    parser.add_argument("--to", type=runs.positive_int, default=4,
+                        help="steps of the last student (a power of two; default: 4)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
+                        help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
+    parser.add_argument("--overwrite", action="store_true", help="start every stage over")
+    parser.add_argument("--data-root", help="torchvision MNIST root (default: the teacher's data.root)")
+    parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    return parser.parse_args(argv)
+
+
+def power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+def plan(teacher_cfg, start, to):
+    """The stages from this teacher: ("guidance", 0) for a conditional teacher trained by main.py,
+    then ("progressive", N) for N = start/2, start/4, ..., to (a progressive teacher of S steps:
+    from S/2). A UserError for a teacher or step counts that cannot be distilled so."""
+    if not (power_of_two(start) and power_of_two(to)):
+        raise UserError(f"--start {start} and --to {to} must be powers of two (each round halves the steps)")
+    stage, steps = teacher_cfg["distill"]["stage"], teacher_cfg["distill"]["steps"]
+    if stage == "progressive":
+        start = steps
+    if to >= start:
+        raise UserError(f"the teacher samples in {start} steps: nothing to distil to {to}")
+    stages = []
+    if stage == "":
+        if teacher_cfg["model"]["num_classes"] == 0:
+            raise UserError("guidance distillation needs a conditional teacher (model.num_classes > 0); this one is "
+                            "unconditional")
+        stages.append(("guidance", 0))
+    while start > to:
+        start //= 2
+        stages.append(("progressive", start))
+    return stages
+
+
+def student_config(cfg, stage, steps, settings, minutes):
+    """The student's config: the teacher's, marked with its stage and step count, training on
+    distill.lr for `minutes`; a progressive student samples with DDIM at its steps. `settings`
+    (--set) apply last."""
+    settings = [runs.parse_setting(setting) for setting in settings]
+    lr = functools.reduce(helper.merge_config, settings, cfg)["distill"]["lr"]
+    cfg = helper.merge_config(cfg, {
+        "model": {"guidance_embedding": cfg["model"]["num_classes"] > 0},
+        "distill": {"stage": stage, "steps": steps},
+        "training": {"lr": lr, "warmup_steps": 0, "lr_decay": "cosine", "minutes": minutes, "steps": 0,
+                     "extra_ema_decays": []}})
+    if stage == "progressive":
+        cfg = helper.merge_config(cfg, {"sampling": {"sampler": "ddim", "steps": steps, "eta": 0.0, "clip_x0": False,
+                                                     "spacing": "trailing", "guidance_interval": []}})
+    cfg = functools.reduce(helper.merge_config, settings, cfg)
+    helper.validate_config(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------
+# The two losses, each with main.diffusion_loss's arguments (main.train calls them).
+
+def draw_w(cfg, B, rows, generator, device):
+    """Guidance weights w ~ U(distill.guidance_range), (B,) of the global batch, this part's rows."""
+    low, high = cfg["distill"]["guidance_range"]
+    return (low + (high - low) * torch.rand(B, generator=generator, device=device))[rows]
+
+
+def guidance_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part=(0, 1)):
+    """Meng et al. 2023 stage 1: at x_t of a training digit (t uniform, as main.py trains), the
+    student's output at (x_t, t, y, w) regresses the teacher's guided output
+    uncond + w (cond - uncond) (helper.guided_output), for w ~ U(distill.guidance_range) and
+    labels dropped to null as in training (whose target is then the unconditional output)."""
+    prediction, null = cfg["diffusion"]["prediction"], cfg["model"]["num_classes"]
+    rows, B = training.rows_of(part, x_0.shape[0])
+    t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)[rows]
+    eps = torch.randn((B, *x_0.shape[1:]), generator=generator, device=x_0.device)[rows]
+    w = draw_w(cfg, B, rows, generator, x_0.device)
+    y = training.drop_labels(y, cfg["training"]["p_uncond"], null, generator, part)
+    x_in = helper.network_input(helper.q_sample(x_0, t, eps, sched), t, sched, prediction)
+    with torch.no_grad(), runs.autocast(x_0.device.type, bf16):
+        both = teacher(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
+    conditional, unconditional = both.float().chunk(2)
+    target = helper.guided_output(conditional, unconditional, w.view(-1, 1, 1, 1))
+    with runs.autocast(x_0.device.type, bf16):
+        output = network(x_in, t, y, w)
+    return (output.float() - target).pow(2).mean()
+
+
+@functools.cache
+def student_and_teacher_schedules(diffusion, steps):
+    """The trailing-spaced schedules of a student of `steps` DDIM steps and of its teacher at 2 steps
+    per student step (the student's levels are every other level of the teacher's)."""
+    sched = Schedule.from_config(dict(diffusion))
+    return tuple(sched.respace(helper.spaced_timesteps(sched.T, n, "trailing")) for n in (steps, 2 * steps))
+
+
+def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
+    """Two DDIM steps (eta = 0) of the teacher (a model(x, t)) from x_t at the student's level k
+    (B,): its levels 2k + 1 -> 2k -> 2k - 1 (clean after level 0)."""
+    for level in (helper.student_level_in_teacher(k), helper.student_level_in_teacher(k) - 1):
+        x_0, eps, _ = helper.denoise(teacher, x_t, level, teacher_sched, prediction, clip_x0)
+        x_t = helper.ddim_step(x_0, eps, helper.extract(teacher_sched.alpha_bars_prev, level, x_t.shape))
+    return x_t
+
+
+def progressive_target(teacher, x_t, k, student_sched, teacher_sched, prediction, clip_x0):
+    """What the student outputs at x_t, level k (B,), so that its one DDIM step lands where the
+    teacher's two do (helper.two_step_target), in the student's parameterisation."""
+    x_next = teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0)
+    alpha_bar_t = helper.extract(student_sched.alpha_bars, k, x_t.shape)
+    alpha_bar_next = helper.extract(student_sched.alpha_bars_prev, k, x_t.shape)
+    x_0 = helper.two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next)
+    _, eps = helper.predict_x0_eps(x_0, x_t, k, student_sched, "x0")
+    return helper.training_target(x_0, eps, k, student_sched, prediction)
+
+
+def progressive_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part=(0, 1)):
+    """Salimans & Ho 2022 Algorithm 2: at x_t of a training digit, on one of the student's N levels
+    (uniform), the student's output regresses progressive_target. In v-prediction this squared
+    error is their "SNR + 1" weighting. Labels and w are drawn as in guidance_loss."""
+    prediction, steps = cfg["diffusion"]["prediction"], cfg["distill"]["steps"]
+    student_sched, teacher_sched = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), steps)
+    rows, B = training.rows_of(part, x_0.shape[0])
+    k = torch.randint(0, steps, (B,), generator=generator, device=x_0.device)[rows]
+    eps = torch.randn((B, *x_0.shape[1:]), generator=generator, device=x_0.device)[rows]
+    inputs = ()
+    if y is not None:
+        y = training.drop_labels(y, cfg["training"]["p_uncond"], cfg["model"]["num_classes"], generator, part)
+        inputs = (y, draw_w(cfg, B, rows, generator, x_0.device)) if cfg["model"]["guidance_embedding"] else (y,)
+    x_t = helper.q_sample(x_0, k, eps, student_sched)
+    with torch.no_grad(), runs.autocast(x_0.device.type, bf16):
+        target = progressive_target(lambda x, t: teacher(x, t, *inputs), x_t, k, student_sched, teacher_sched,
+                                    prediction, cfg["sampling"]["clip_x0"])
+    with runs.autocast(x_0.device.type, bf16):
+        output = network(helper.network_input(x_t, k, student_sched, prediction),
+                         student_sched.timesteps.to(x_0.device)[k], *inputs)
+    return (output.float() - target.float()).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------------------
+
+def default_teacher():
+    if os.path.exists(SHIPPED):
+        return SHIPPED
+    return os.path.join("out", "ckpt.pt")
+
+
+def frozen_teacher(state, device):
+    """The teacher's EMA network, frozen (compiled, with its weights as constants, when its config
+    compiles training)."""
+    teacher = Model.from_config(state["config"])
+    runs.load_weights(teacher, state["ema"])
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    return runs.compile_network(teacher, frozen=True) if state["config"]["training"]["compile"] else teacher
+
+
+def distill_stage(teacher_path, stage, steps, args, minutes, out):
+    """Train one student from the teacher at teacher_path into `out` (resuming it there, or
+    skipping it when it is done); returns the student's weights file."""
+    device = runs.resolve_device(args.device or "auto")
+    teacher_state = runs.load_checkpoint(teacher_path)
+    settings = list(args.settings)
+    if args.data_root:
+        settings.append(f"data.root={args.data_root}")
+    settings.append(f"training.device={device}")
+    cfg = student_config(teacher_state["config"], stage, steps, settings, minutes)
+    weights = os.path.join(out, "ema.pt")
+    with runs.RunLock(out):
+        try:
+            cfg, state = runs.guard_run_folder(cfg, None, out, args.overwrite)
+        except runs.RunComplete:
+            print(f"{out} is finished; skipping it")
+            return weights
+        loss = guidance_loss if stage == "guidance" else progressive_loss
+        name = "guidance distillation" if stage == "guidance" else f"progressive distillation to {steps} steps"
+        print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
+        started = time.perf_counter()
+        teacher = frozen_teacher(teacher_state, device)
+        ema, losses, lrs = training.train(cfg, out, state, loss_of=functools.partial(loss, teacher),
+                                          start_from=teacher_state["ema"])
+        training.finish(ema, losses, lrs, cfg, out, started)
+    return weights
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    teacher = args.teacher or default_teacher()
+    teacher_cfg = runs.load_checkpoint(teacher)["config"]
+    stages = plan(teacher_cfg, args.start, args.to)
+    minutes = args.minutes / len(stages)
+    for stage, steps in stages:
+        out = os.path.join(args.out, stage_folder(stage, steps))
+        teacher = distill_stage(teacher, stage, steps, args, minutes, out)
+    print(f"the {stages[-1][1]}-step student: python loadmodel.py {teacher}")
+
+
+def stage_folder(stage, steps):
+    return "guidance" if stage == "guidance" else f"steps-{steps}"
+
+
+if __name__ == "__main__":
+    runs.run(main)

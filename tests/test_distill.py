@@ -1,0 +1,216 @@
+"""distill.py: the guided target, the two-step DDIM target against its closed form, the w
+embedding, a smoke chain of stages loading in the other scripts, exact resume, bad input."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import distill
+import helper
+import runs
+from helper import Schedule
+from model import Model
+from test_control import conditional_model, inputs
+from test_scripts import assert_one_line_error, assert_same_run, run_in_process
+
+
+def student_of(teacher, cfg, seed=2):
+    """A student with the w input, copied from `teacher` as distill.py copies it; its w embedding
+    made non-zero when seed is given, so that w matters."""
+    cfg = helper.merge_config(cfg, {"model": {"guidance_embedding": True}})
+    student = Model.from_config(cfg).eval()
+    runs.load_weights(student, teacher.state_dict(), new_layers_allowed=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            student.guidance_emb[-1].weight.normal_(std=0.1)
+    return student, cfg
+
+
+def test_a_new_student_is_its_teacher_for_every_w_and_the_w_embedding_then_matters():
+    teacher, cfg = conditional_model()
+    student, _ = student_of(teacher, cfg, seed=None)
+    x, t = inputs()
+    y = torch.tensor([3, 7, 1, 10])  # the last: the null label
+    with torch.no_grad():
+        reference = teacher(x, t, y)
+        for w in (0.0, 1.1, 2.0):
+            torch.testing.assert_close(student(x, t, y, torch.full((4,), w)), reference, rtol=0, atol=0)
+        trained, _ = student_of(teacher, cfg)
+        low, high = (trained(x, t, y, torch.full((4,), w)) for w in (0.5, 1.5))
+    assert (low - high).abs().max() > 1e-3
+    with pytest.raises(AssertionError, match="guidance weight"):
+        teacher(x, t, y, torch.ones(4))
+    with pytest.raises(AssertionError, match="guidance weight"):
+        student(x, t, y)
+
+
+def test_a_guidance_distilled_student_samples_in_one_call_of_batch_B_with_w_as_input():
+    teacher, cfg = conditional_model()
+    student, cfg = student_of(teacher, cfg)
+    calls = []
+
+    def recording(x, t, y, w):
+        calls.append((x.shape[0], y.tolist(), [round(v, 4) for v in w.tolist()]))
+        return student(x, t, y, w)
+
+    x, t = inputs()
+    labels = torch.tensor([3, 7, 1, 9])
+    with torch.no_grad():
+        guided = helper.Guided(recording, labels, 1.7, 10, takes_w=True)(x, t)
+        torch.testing.assert_close(guided, student(x, t, labels, torch.full((4,), 1.7)))
+        helper.Guided(recording, labels, 0.0, 10, takes_w=True)(x, t)  # w = 0: the null label
+    assert calls == [(4, [3, 7, 1, 9], [1.7] * 4), (4, [10] * 4, [0.0] * 4)]
+
+
+def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
+    teacher, cfg = conditional_model()
+    student, cfg = student_of(teacher, cfg)
+    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.3}})
+    sched = Schedule.from_config(cfg["diffusion"])
+    x_0 = torch.rand(16, 1, 28, 28) * 2 - 1
+    y = torch.arange(16) % 10
+    seen = {}
+
+    def exact(x_in, t, labels, w):  # a student that outputs the guided teacher exactly
+        seen["w"], seen["labels"] = w, labels
+        conditional, unconditional = teacher(x_in, t, labels), teacher(x_in, t, torch.full_like(labels, 10))
+        return unconditional + w.view(-1, 1, 1, 1) * (conditional - unconditional)
+
+    def conditional_only(x_in, t, labels, w):
+        return teacher(x_in, t, labels)
+
+    with torch.no_grad():
+        loss = distill.guidance_loss(teacher, exact, x_0, sched, cfg, torch.Generator().manual_seed(0), False, y)
+        wrong = distill.guidance_loss(teacher, conditional_only, x_0, sched, cfg, torch.Generator().manual_seed(0),
+                                      False, y)
+    assert loss.item() < 1e-10 and wrong.item() > 1e-4
+    low, high = cfg["distill"]["guidance_range"]
+    assert low <= seen["w"].min() and seen["w"].max() <= high and seen["w"].std() > 0.1
+    assert (seen["labels"] == 10).any() and (seen["labels"] < 10).any()  # some labels dropped to null
+
+
+def test_one_ddim_step_to_the_two_step_target_lands_where_two_steps_landed():
+    generator = torch.Generator().manual_seed(0)
+    x_t, x_next = torch.randn(2, 8, 1, 4, 4, generator=generator)
+    for alpha_bar_t, alpha_bar_next in [(0.1, 0.5), (0.6, 0.9), (0.3, 1.0)]:  # 1.0: the last step, to x_0
+        x_0 = helper.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
+        eps = (x_t - alpha_bar_t ** 0.5 * x_0) / (1 - alpha_bar_t) ** 0.5  # what x_0 implies at x_t
+        torch.testing.assert_close(helper.ddim_step(x_0, eps, alpha_bar_next), x_next, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_step_is_the_ddim_samplers_step():
+    model, cfg = conditional_model()
+    sched = Schedule(helper.cosine_betas(20)).respace([9, 19])
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    network = helper.Guided(model, torch.tensor([1, 2, 3, 4]), 1.0, 10)
+    with torch.no_grad():
+        sampled = helper.ddim_sample(network, x_T, sched, prediction="v", progress=False)
+        x = x_T
+        for i in (1, 0):
+            x_0, eps, _ = helper.denoise(network, x, i, sched, "v", False)
+            x = helper.ddim_step(x_0, eps, sched.alpha_bars_prev[i].item())
+    torch.testing.assert_close(x, sampled, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_student_that_outputs_its_target_samples_as_its_teacher_at_twice_the_steps(steps):
+    """Salimans & Ho's construction, exactly: if the student outputs progressive_target at every
+    x_t it meets, its N DDIM steps reproduce the teacher's 2N (clipped or not)."""
+    teacher, cfg = conditional_model()
+    diffusion = helper.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})["diffusion"]
+    student_sched, teacher_sched = distill.student_and_teacher_schedules(tuple(diffusion.items()), steps)
+    labels = torch.tensor([3, 7, 1, 9])
+
+    def teacher_net(x, t):
+        return teacher(x, t, labels)
+
+    def oracle(x, t):  # the student's timestep t -> its level k
+        k = torch.searchsorted(student_sched.timesteps.to(t.device), t)
+        return distill.progressive_target(teacher_net, x, k, student_sched, teacher_sched, "v", True)
+
+    x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        two_n = helper.ddim_sample(teacher_net, x_T, teacher_sched, prediction="v", clip_x0=True, progress=False)
+        n = helper.ddim_sample(oracle, x_T, student_sched, prediction="v", clip_x0=False, progress=False)
+    assert student_sched.T == steps and teacher_sched.T == 2 * steps
+    assert set(student_sched.timesteps.tolist()) <= set(teacher_sched.timesteps.tolist())
+    torch.testing.assert_close(n, two_n, rtol=1e-4, atol=1e-4)
+
+
+def smoke_chain(teacher, out, mnist_root, *extra):
+    """distill.py on a smoke teacher: guidance, then 8 -> 4 -> 2 DDIM steps, 6 optimiser steps a stage."""
+    return ["distill.py", str(teacher), "--out", str(out), "--start", "8", "--to", "2", "--data-root", mnist_root,
+            "--set", "training.minutes=0", "--set", "training.steps=6", *extra]
+
+
+@pytest.fixture(scope="module")
+def chain(conditional_run, mnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill")
+    code, stdout, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", out, mnist_root))
+    assert code == 0, stderr
+    return out
+
+
+def test_a_smoke_chain_halves_the_steps_and_its_students_load_everywhere(chain, classifier_file, mnist_root,
+                                                                           tmp_path):
+    guided, two = (runs.load_checkpoint(str(chain / name / "ema.pt")) for name in ("guidance", "steps-2"))
+    assert guided["config"]["distill"]["stage"] == "guidance" and guided["config"]["model"]["guidance_embedding"]
+    s = two["config"]["sampling"]
+    assert two["config"]["distill"] == {**two["config"]["distill"], "stage": "progressive", "steps": 2}
+    assert (s["sampler"], s["steps"], s["eta"]) == ("ddim", 2, 0.0) and two["step"] == 6
+    assert runs.load_checkpoint(str(chain / "steps-4" / "ema.pt"))["config"]["distill"]["steps"] == 4
+    code, stdout, stderr = run_in_process("loadmodel.py", str(chain / "steps-2" / "ema.pt"), "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert "ddim" in stderr and "2/2" in stderr  # its own two steps
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape[1:] == (28, 28, 1)
+    code, _, stderr = run_in_process("edit.py", "interpolate", str(chain / "steps-2" / "ema.pt"), "--out",
+                                     str(tmp_path))
+    assert code == 0, stderr
+    code, stdout, stderr = run_in_process("evaluate.py", str(chain / "steps-2" / "ema.pt"), "--num-samples", "40",
+                                          "--no-compile", "--data-root", mnist_root, "--out", str(tmp_path),
+                                          "--classifier", str(classifier_file[0]))
+    assert code == 0, stderr
+    assert "ddim, 2 steps" in (tmp_path / "eval.md").read_text()
+
+
+def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root, tmp_path, monkeypatch):
+    real, calls = distill.progressive_loss, []
+
+    def interrupted(*args):  # Ctrl-C during the 4th step of the first round
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(distill, "progressive_loss", interrupted)
+    code, _, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", tmp_path, mnist_root))
+    assert code == 128 + signal.SIGINT, stderr
+    assert runs.load_checkpoint(str(tmp_path / "steps-4" / "ckpt.pt"))["step"] == 4
+    assert not (tmp_path / "steps-2").exists()
+    monkeypatch.setattr(distill, "progressive_loss", real)
+    code, stdout, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", tmp_path, mnist_root))
+    assert code == 0, stderr
+    assert "guidance is finished; skipping it" in stdout
+    for stage in ("guidance", "steps-4", "steps-2"):
+        assert_same_run(tmp_path / stage / "ckpt.pt", chain / stage / "ckpt.pt")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--start", "12"], "must be powers of two"),
+    (["--to", "3"], "must be powers of two"),
+    (["--start", "4", "--to", "4"], "nothing to distil to 4"),
+])
+def test_bad_step_counts_are_one_line(conditional_run, mnist_root, tmp_path, args, fragment):
+    assert_one_line_error(*run_in_process("distill.py", str(conditional_run / "ckpt.pt"), "--out", str(tmp_path),
+                                          *args)[::2], fragment)
+
+
+def test_teachers_of_the_wrong_kind_are_one_line(trained, chain, tmp_path):
+    code, _, stderr = run_in_process("distill.py", str(trained / "ckpt.pt"), "--out", str(tmp_path))
+    assert_one_line_error(code, stderr, "guidance distillation needs a conditional teacher")
+    code, _, stderr = run_in_process("distill.py", str(chain / "steps-2" / "ema.pt"), "--to", "2", "--out",
+                                     str(tmp_path))
+    assert_one_line_error(code, stderr, "the teacher samples in 2 steps: nothing to distil to 2")
