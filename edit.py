@@ -1,9 +1,10 @@
-"""Edit digits with a trained model: fill in a masked part of a real MNIST test digit
-(RePaint), and walk between two starting noises (slerp); a conditional checkpoint can be asked
-for a digit, and also renders the same noises with each of the ten labels.
+"""Edit digits with a trained model: fill in a masked part of a real held-out image (an MNIST
+test digit, for MNIST) with RePaint, and walk between two starting noises (slerp); a
+conditional checkpoint can be asked for a digit, and also renders the same noises with each label.
 
     python edit.py inpaint [CHECKPOINT] --index I [--mask top|bottom|left|right|centre] [--digit D]
                            [--resample R] [--count N] [--num-samples K] [--steps N] [--seed S]
+                           [--data NAME_OR_PATH] [--data-root DIR]
     python edit.py interpolate [CHECKPOINT] [--seeds A B] [--frames F] [--pairs P] [--digit D]
                                [--sampler ddim|dpm++] [--steps N]
 """
@@ -71,7 +72,7 @@ def slerp(z_0, z_1, a):
 
 
 def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
-    """A figure of digit rows: rows (R, K, H, W) uint8."""
+    """A figure of image rows: rows (R, K, H, W, C) uint8."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -80,7 +81,7 @@ def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
     for r in range(R):
         for k in range(K):
             ax = axes[r, k]
-            ax.imshow(rows[r, k], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(runs.shown(rows[r, k]), cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 and column_labels is not None:
@@ -94,16 +95,31 @@ def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
     plt.close(fig)
 
 
+def source_images(args, cfg):
+    """The held-out images to inpaint, uint8 (N, C, S, S) at the checkpoint's size, and their
+    labels (N,) (None when unlabelled): of the checkpoint's data, or of --data."""
+    data_cfg = {**cfg["data"], "name": args.data or cfg["data"]["name"], "root": args.data_root or cfg["data"]["root"]}
+    if args.data and args.data not in runs.DATASETS:
+        data_cfg["name"] = os.path.abspath(args.data)
+    images, labels, _ = runs.load_data(data_cfg, train=False)
+    if images.shape[1] != cfg["data"]["channels"]:
+        raise UserError(f"the checkpoint draws {cfg['data']['channels']}-channel images; '{data_cfg['name']}' has "
+                        f"{images.shape[1]} channel(s)")
+    return images, labels
+
+
 def inpaint(args, model, cfg, device, out):
-    images, labels = runs.load_mnist(args.data_root, train=False)
+    images, labels = source_images(args, cfg)
     if not 0 <= args.index or args.index + args.count > len(images):
-        raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} test digits")
+        raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} held-out images")
     size, K = cfg["data"]["image_size"], args.num_samples
-    originals = runs.to_model_range(images[args.index:args.index + args.count], size)  # (count, 1, S, S)
+    originals = runs.to_model_range(images[args.index:args.index + args.count])  # (count, C, S, S)
     known = region_mask(args.mask, size).to(device)
-    x_known = originals.repeat_interleave(K, 0).to(device)  # each original K times: (count K, 1, S, S)
+    x_known = originals.repeat_interleave(K, 0).to(device)  # each original K times: (count K, C, S, S)
     wanted = requested_labels(args.digit, len(x_known), cfg)  # None: the null label of a conditional model
-    requested = labels[args.index:args.index + args.count].repeat_interleave(K) if wanted is None else wanted
+    requested = wanted  # else the originals' own labels, where the data has them
+    if wanted is None and labels is not None:
+        requested = labels[args.index:args.index + args.count].repeat_interleave(K)
     sched = helper.sampling_schedule(cfg)
     print(f"inpainting the {args.mask} of {args.count} test digit(s) from index {args.index}, {K} completion(s) "
           f"each: DDPM, {sched.T} steps x {args.resample} (resampling)")
@@ -112,20 +128,21 @@ def inpaint(args, model, cfg, device, out):
         return repaint(network, x_T, sched, x_known[part], known, cfg["diffusion"]["prediction"],
                        cfg["sampling"]["variance"], cfg["sampling"]["clip_x0"], generator, args.resample, progress)
     digits, _ = runs.sample_digits(model, cfg, len(x_known), args.seed, device, wanted, batch_size=args.batch_size,
-                                   desc="inpaint", sampler=fill)  # (count K, 28, 28, 1)
-    np.savez(os.path.join(out, "inpainted.npz"), arr_0=digits, labels=requested.numpy())
+                                   desc="inpaint", sampler=fill)  # (count K, S, S, C)
+    arrays = {"arr_0": digits} if requested is None else {"arr_0": digits, "labels": requested.numpy()}
+    np.savez(os.path.join(out, "inpainted.npz"), **arrays)
 
     shown = min(args.count, 8)
-    first_digits = runs.to_digits(originals[:shown])  # (shown, 28, 28, 1)
+    first_digits = runs.to_digits(originals[:shown])  # (shown, S, S, C)
     masked = runs.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
-    completions = digits[:shown * K].reshape(shown, K, 28, 28)
-    rows = np.concatenate([first_digits[:, None, ..., 0], masked[:, None, ..., 0], completions], axis=1)
+    completions = digits[:shown * K].reshape(shown, K, *digits.shape[1:])
+    rows = np.concatenate([first_digits[:, None], masked[:, None], completions], axis=1)
     ask = "" if args.digit is None else f", asked for a {args.digit}"
     save_rows(rows, os.path.join(out, "inpaint.png"), [f"#{args.index + r}" for r in range(shown)],
               ["original", "input"] + [f"fill {c + 1}" for c in range(K)],
               f"inpainting the {args.mask} (RePaint, r = {args.resample}{ask})")
-    print(f"wrote inpaint.png and inpainted.npz {digits.shape} (labels: "
-          f"{'requested' if args.digit is not None else 'the originals'}) to {out}")
+    said = "none" if requested is None else "requested" if args.digit is not None else "the originals'"
+    print(f"wrote inpaint.png and inpainted.npz {digits.shape} (labels: {said}) to {out}")
 
 
 def interpolate(args, model, cfg, device, out):
@@ -137,18 +154,21 @@ def interpolate(args, model, cfg, device, out):
     x_T = torch.cat([slerp(z_0, z_1, a) for a in fractions.tolist()])  # (F P, C, S, S), frame-major
     labels = requested_labels(args.digit, len(x_T), cfg)
     samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
-    strips = runs.to_digits(samples)[..., 0].reshape(F, args.pairs, 28, 28).transpose(1, 0, 2, 3)  # (P, F, 28, 28)
+    images = runs.to_digits(samples)  # (F P, S, S, C)
+    strips = images.reshape(F, args.pairs, *images.shape[1:]).swapaxes(0, 1)  # (P, F, S, S, C)
     what = "" if args.digit is None else f", digit {args.digit}"
     save_rows(strips, os.path.join(out, "interpolation.png"), None, [f"{a:.2f}" for a in fractions.tolist()],
               f"slerp between the noises of seeds {args.seeds[0]} and {args.seeds[1]} "
               f"({cfg['sampling']['sampler']}, eta = 0{what})")
     written = ["interpolation.png"]
-    if cfg["model"]["num_classes"]:  # the same noises with every label: what the noise itself encodes
-        x_T = z_0.repeat_interleave(10, 0)  # (P 10, C, S, S)
-        samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=torch.arange(10).repeat(args.pairs),
-                                x_T=x_T.to(device))
-        rows = runs.to_digits(samples)[..., 0].reshape(args.pairs, 10, 28, 28)
-        save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(10)],
+    classes = cfg["model"]["num_classes"]
+    if classes:  # the same noises with every label: what the noise itself encodes
+        x_T = z_0.repeat_interleave(classes, 0)  # (P classes, C, S, S)
+        samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device,
+                              labels=torch.arange(classes).repeat(args.pairs), x_T=x_T.to(device))
+        images = runs.to_digits(samples)
+        rows = images.reshape(args.pairs, classes, *images.shape[1:])
+        save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(classes)],
                   f"one noise per row (seed {args.seeds[0]}), each label, guidance w = {cfg['sampling']['guidance']}")
         written.append("labels.png")
     print(f"wrote {' and '.join(written)} to {out}")
@@ -168,7 +188,7 @@ def parse_args(argv=None):
     common.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
     fill = commands.add_parser("inpaint", parents=[common], help="fill a masked region of a test digit")
-    fill.add_argument("--index", type=int, default=0, help="first MNIST test digit (0-9999)")
+    fill.add_argument("--index", type=int, default=0, help="first held-out image (MNIST's test digits: 0-9999)")
     fill.add_argument("--count", type=runs.positive_int, default=1, help="test digits from --index on")
     fill.add_argument("--mask", choices=MASKS, default="top", help="the region to fill")
     fill.add_argument("--resample", type=runs.positive_int, default=2,
@@ -177,7 +197,9 @@ def parse_args(argv=None):
     fill.add_argument("--num-samples", type=runs.positive_int, default=6, help="completions per digit")
     fill.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH)
     fill.add_argument("--seed", type=int, default=0)
-    fill.add_argument("--data-root", default=helper.config["data"]["root"], help="torchvision MNIST root")
+    fill.add_argument("--data", help="whose held-out images to inpaint, as main.py --data (default: the "
+                                     "checkpoint's data)")
+    fill.add_argument("--data-root", help="where torchvision datasets are (default: the checkpoint's data.root)")
 
     walk = commands.add_parser("interpolate", parents=[common], help="slerp between two noises")
     walk.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("A", "B"), help="the two noises")

@@ -1,14 +1,17 @@
-"""Score generated digits against the MNIST test set in the features of a small MNIST
-classifier: FID, improved precision and recall (k = 3), predicted-class histogram and the
-share of confidently classified samples, beside the MNIST train-vs-test floor.
+"""Score generated images against the held-out split of their data (the MNIST test set by
+default) in the features of a small classifier trained on the training split: FID, improved
+precision and recall (k = 3), predicted-class histogram and the share of confidently classified
+samples, beside the train-vs-held-out floor. Unlabelled data gets a classifier of the images'
+rotation instead (Gidaris et al. 2018), which gives FID, precision and recall but no classes.
 
     python evaluate.py CHECKPOINT_OR_NPZ [--sampler S] [--steps N] [--eta E] [--num-samples N] [--seed S]
                        [--guidance W[,W...]] [--guidance-interval LO HI] [--labels train|uniform]
                        [--ema DECAY] [--no-compile]
-                       [--data-root DIR] [--json PATH]
+                       [--data NAME_OR_PATH] [--data-root DIR] [--json PATH]
     python evaluate.py CHECKPOINT --sweep      # every sampler at several step counts
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -32,16 +35,17 @@ CONFIDENT = 0.9  # a sample is "confident" when the classifier's top softmax pro
 
 class Classifier(nn.Module):
     """Three conv layers and two linear ones; features() is the 128-d penultimate layer.
-    (B, 1, 28, 28) in [-1, 1] -> logits (B, 10)."""
+    (B, C, S, S) in [-1, 1] -> logits (B, classes); MNIST: (B, 1, 28, 28) -> (B, 10)."""
 
-    def __init__(self):
+    def __init__(self, channels=1, classes=10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 32, 14, 14)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 7, 7)
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(),      # (B, 64 * 7 * 7)
-            nn.Linear(64 * 7 * 7, 128), nn.ReLU())                          # (B, 128)
-        self.head = nn.Linear(128, 10)
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, S/2, S/2)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),        # (B, 64, S/4, S/4)
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Flatten()),               # (B, 64 * 7 * 7); 28: as is
+            nn.Linear(64 * 7 * 7, 128), nn.ReLU())                               # (B, 128)
+        self.head = nn.Linear(128, classes)
 
     def features(self, x):
         return self.body(x)
@@ -50,10 +54,10 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def train_classifier(images, labels, epochs=3, batch_size=128, seed=0, progress=True):
-    """Adam with a one-cycle learning rate on uint8 digits (N, 28, 28) and labels (N,)."""
+def train_classifier(images, labels, classes=10, epochs=3, batch_size=128, seed=0, progress=True):
+    """Adam with a one-cycle learning rate on uint8 images (N, C, S, S) and labels (N,) in 0..classes-1."""
     torch.manual_seed(seed)
-    classifier = Classifier()
+    classifier = Classifier(images.shape[1], classes)
     steps = epochs * (len(images) // batch_size)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
@@ -63,7 +67,7 @@ def train_classifier(images, labels, epochs=3, batch_size=128, seed=0, progress=
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images) - batch_size + 1, batch_size):
             batch = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(classifier(runs.to_model_range(images[batch], 28)), labels[batch])
+            loss = nn.functional.cross_entropy(classifier(runs.to_model_range(images[batch])), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -76,37 +80,61 @@ def train_classifier(images, labels, epochs=3, batch_size=128, seed=0, progress=
 
 @torch.no_grad()
 def classify(classifier, digits, batch_size=1000):
-    """uint8 digits (N, 28, 28, 1) -> penultimate features (N, 128) float64 and softmax (N, 10)."""
+    """uint8 images (N, S, S, C) -> penultimate features (N, 128) float64 and softmax (N, classes)."""
     features, probs = [], []
     for start in range(0, len(digits), batch_size):
-        x = runs.to_model_range(torch.as_tensor(digits[start:start + batch_size]).squeeze(-1), 28)
+        x = runs.to_model_range(torch.as_tensor(digits[start:start + batch_size]).movedim(-1, 1))
         h = classifier.features(x)
         features.append(h.double())
         probs.append(classifier.head(h).softmax(-1))
     return torch.cat(features), torch.cat(probs)
 
 
-def mnist_digits(root, train):
-    """MNIST images as uint8 (N, 28, 28, 1) and labels (N,)."""
-    images, labels = runs.load_mnist(root, train)
-    return images.unsqueeze(-1).numpy(), labels
+def data_images(data_cfg, train):
+    """The images of cfg["data"] as uint8 (N, S, S, C) (the .npz layout) and their labels (N,),
+    None when unlabelled."""
+    images, labels, _ = runs.load_data(data_cfg, train)
+    return images.movedim(1, -1).numpy(), labels
 
 
-def load_or_train_classifier(path, root):
-    """The cached classifier at `path`, trained on MNIST train (and its test accuracy) if absent."""
+def rotations(images):
+    """Unlabelled data's stand-in task: image i turned by (i mod 4) quarter turns, labelled i mod 4.
+    uint8 (N, S, S, C) -> the same, and labels (N,)."""
+    turns = torch.arange(len(images)) % 4
+    turned = np.stack([np.rot90(image, k).copy() for image, k in zip(images, turns.tolist())])
+    return turned, turns
+
+
+def classifier_path(data_cfg):
+    """Where the feature classifier of this data is cached: out/mnist_classifier.pt for MNIST."""
+    name = data_cfg["name"]
+    if name not in runs.DATASETS:
+        digest = hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
+        name = f"{os.path.basename(os.path.normpath(name)).removesuffix('.npz')}-{digest}"
+    size = "" if data_cfg["image_size"] == 28 else f"-{data_cfg['image_size']}px"
+    return os.path.join("out", f"{name}{size}_classifier.pt")
+
+
+def load_or_train_classifier(path, data_cfg):
+    """The cached classifier at `path`, trained on the data's training split (and its held-out
+    accuracy) if absent; of the rotation task for unlabelled data. Returns it, the accuracy and
+    whether it classifies the data's own classes."""
+    labelled = runs.read_data(data_cfg["name"], data_cfg["root"], True).labels is not None
     if os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        classifier = Classifier()
+        classifier = Classifier(data_cfg["channels"], state["model"]["head.weight"].shape[0])
         classifier.load_state_dict(state["model"])
-        return classifier.eval(), state["test_accuracy"]
-    print(f"training the MNIST feature classifier (cached to {path})")
-    train_images, train_labels = mnist_digits(root, train=True)
-    classifier = train_classifier(torch.as_tensor(train_images).squeeze(-1), train_labels)
-    test_images, test_labels = mnist_digits(root, train=False)
+        return classifier.eval(), state["test_accuracy"], labelled
+    print(f"training the feature classifier of {data_cfg['name']} (cached to {path})")
+    (train_images, train_labels), (test_images, test_labels) = (data_images(data_cfg, train) for train in (True, False))
+    if not labelled:
+        (train_images, train_labels), (test_images, test_labels) = rotations(train_images), rotations(test_images)
+    classes = 4 if not labelled else len(runs.read_data(data_cfg["name"], data_cfg["root"], True).classes)
+    classifier = train_classifier(torch.as_tensor(train_images).movedim(-1, 1), train_labels, classes)
     _, probs = classify(classifier, test_images)
     accuracy = (probs.argmax(-1) == test_labels).double().mean().item()
     runs.save_checkpoint({"model": classifier.state_dict(), "test_accuracy": accuracy}, path)
-    return classifier, accuracy
+    return classifier, accuracy, labelled
 
 
 def frechet_distance(features_a, features_b):
@@ -141,54 +169,54 @@ def precision_recall(real, fake, k=3):
     return precision, recall
 
 
-def digit_mix(how, train_labels, n):
-    """The digit each of n samples of a conditional model asks for, (n,) int64 in digit order:
-    each digit in its share p(y) of the training labels ("train"), so that the samples are draws
-    of p(x) = sum_y p(y) p(x | y) as the test set's digits are, or a tenth of each ("uniform",
-    which costs real digits about 0.7 FID at n = 10,000). Largest remainders round up."""
-    weights = torch.ones(10, dtype=torch.long) if how == "uniform" else \
-        torch.bincount(torch.as_tensor(train_labels), minlength=10)
+def digit_mix(how, train_labels, n, classes=10):
+    """The class each of n samples of a conditional model asks for, (n,) int64 in class order:
+    each class in its share p(y) of the training labels ("train"), so that the samples are draws
+    of p(x) = sum_y p(y) p(x | y) as the held-out images are, or an equal share of each
+    ("uniform", which costs real MNIST digits about 0.7 FID at n = 10,000). Largest remainders
+    round up."""
+    weights = torch.ones(classes, dtype=torch.long) if how == "uniform" else \
+        torch.bincount(torch.as_tensor(train_labels), minlength=classes)
     counts, remainders = n * weights // weights.sum(), n * weights % weights.sum()
     counts[torch.argsort(remainders, descending=True, stable=True)[:n - counts.sum()]] += 1
-    return torch.arange(10).repeat_interleave(counts)
+    return torch.arange(classes).repeat_interleave(counts)
 
 
-def score(classifier, digits, reference, labels=None, seed=0):
-    """Every metric of uint8 digits (N, 28, 28, 1) against reference features (M, 128); with the
-    requested labels (N,), also the share the classifier assigns to the requested digit."""
+def score(classifier, digits, reference, labels=None, seed=0, classes=True):
+    """Every metric of uint8 images (N, S, S, C) against reference features (M, 128); with the
+    requested labels (N,), also the share the classifier assigns to the requested class. Without
+    `classes` (a classifier of rotations), FID, precision and recall alone."""
     features, probs = classify(classifier, digits)
     subset = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:len(digits)]
     precision, recall = precision_recall(reference[subset], features)
-    histogram = torch.bincount(probs.argmax(-1), minlength=10) / len(digits)
-    metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall,
-               "confident": (probs.max(-1).values > CONFIDENT).double().mean().item(),
-               "classes": [round(p, 4) for p in histogram.tolist()]}
+    metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall}
+    if not classes:
+        return metrics
+    histogram = torch.bincount(probs.argmax(-1), minlength=probs.shape[-1]) / len(digits)
+    metrics.update(confident=(probs.max(-1).values > CONFIDENT).double().mean().item(),
+                   classes=[round(p, 4) for p in histogram.tolist()])
     if labels is not None:
         metrics["accuracy"] = (probs.argmax(-1) == torch.as_tensor(labels)).double().mean().item()
     return metrics
 
 
-def read_npz(path):
-    """uint8 digits (N, 28, 28, 1) from an .npz with key arr_0, as loadmodel.py writes them, and
-    the requested digits (N,) int64 from its key labels, or None where there is none."""
+def read_npz(path, name, root):
+    """uint8 images (N, S, S, C) from an .npz with key arr_0, as loadmodel.py writes them, the
+    requested classes (N,) int64 from its key labels (None where there is none), and the config
+    of the data `name` they are scored against: at their size, with their channel count."""
     if not os.path.isfile(path):
         raise UserError(f"'{path}' does not exist")
-    try:
-        with np.load(path) as archive:
-            if "arr_0" not in archive:
-                raise UserError(f"'{path}' has no array arr_0 (keys: {', '.join(archive.files)})")
-            digits = archive["arr_0"]
-            labels = archive["labels"] if "labels" in archive else None
-    except (OSError, ValueError) as error:
-        raise UserError(f"'{path}' is not a readable .npz ({type(error).__name__})") from None
-    if digits.dtype != np.uint8 or digits.ndim != 4 or digits.shape[1:] != (28, 28, 1) or len(digits) < 2:
-        raise UserError(f"'{path}' arr_0 must be uint8 of shape (N >= 2, 28, 28, 1), "
-                        f"got {digits.dtype} {digits.shape}")
-    if labels is not None and (labels.dtype != np.int64 or labels.shape != (len(digits),)
-                               or labels.min() < 0 or labels.max() > 9):
-        raise UserError(f"'{path}' labels must be int64 digits 0-9 of shape ({len(digits)},), "
-                        f"got {labels.dtype} {labels.shape}")
-    return digits, labels
+    images = runs.read_npz_images(path)
+    channels, size = images.images.shape[1:3]
+    data_channels = runs.read_data(name, root, True).images[0].shape[0]
+    if channels != data_channels or size != images.images.shape[3]:
+        raise UserError(f"'{path}' holds {channels}-channel {size}x{images.images.shape[3]} images; '{name}' has "
+                        f"{data_channels} channel(s) (--data names the data they are scored against)")
+    classes = len(runs.read_data(name, root, True).classes)
+    if images.labels is not None and images.labels.max() >= classes:
+        raise UserError(f"'{path}' labels must be classes 0-{classes - 1} of '{name}', got {int(images.labels.max())}")
+    data_cfg = {"name": name, "root": root, "image_size": size, "channels": channels}
+    return images.images.movedim(1, -1).numpy(), images.labels, data_cfg
 
 
 def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None):
@@ -224,8 +252,9 @@ def markdown_table(rows):
     for row in rows:
         seconds = f"{row['seconds_per_1000']:.1f}" if row.get("seconds_per_1000") else "-"
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
+        confident = f"{row['confident']:.3f}" if "confident" in row else "-"
         lines.append(f"| {row['name']} | {row.get('nfe', '-')} | {row['fid']:.3f} | {row['precision']:.3f} | "
-                     f"{row['recall']:.3f} | {row['confident']:.3f} | {accuracy} | {seconds} |")
+                     f"{row['recall']:.3f} | {confident} | {accuracy} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -240,8 +269,8 @@ def plot_fid_vs_nfe(rows, path):
         for r in points:
             ax.annotate(f"{r['seconds_per_1000']:.0f}s", (r["nfe"], r["fid"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-    floor = next(row for row in rows if row["name"].startswith("MNIST train"))
-    ax.axhline(floor["fid"], color="0.5", ls="--", label="MNIST train vs test")
+    floor = rows[0]
+    ax.axhline(floor["fid"], color="0.5", ls="--", label=floor["name"])
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations (NFE); labels: seconds per 1000 samples")
     ax.set_ylabel("FID (classifier features)")
@@ -270,8 +299,8 @@ def plot_guidance(rows, path):
     w = [row["guidance"] for row in points]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(w, [row["fid"] for row in points], "o-", color="C0", label="FID")
-    floor = next(row for row in rows if row["name"].startswith("MNIST train"))
-    ax.axhline(floor["fid"], color="0.5", ls="--", label="MNIST train vs test FID")
+    floor = rows[0]
+    ax.axhline(floor["fid"], color="0.5", ls="--", label=f"{floor['name']} FID")
     ax.set_xlabel("guidance w (0: unconditional, 1: conditional)")
     ax.set_ylabel("FID (classifier features)", color="C0")
     ax.legend(loc="upper center")
@@ -307,9 +336,12 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="sample with the compiled network (sampling.compile; default: on, since "
                              "thousands of network evaluations repay its compilation)")
-    parser.add_argument("--data-root", default=helper.config["data"]["root"], help="torchvision MNIST root")
-    parser.add_argument("--classifier", default=os.path.join("out", "mnist_classifier.pt"),
-                        help="cached feature classifier, trained here if absent")
+    parser.add_argument("--data", default="mnist",
+                        help="an .npz input's data, as main.py --data (a checkpoint knows its own; default: mnist)")
+    parser.add_argument("--data-root", help="where torchvision datasets are (default: the checkpoint's data.root, "
+                                            "else data)")
+    parser.add_argument("--classifier", help="cached feature classifier, trained here if absent (default: "
+                                             "out/mnist_classifier.pt, out/<data>_classifier.pt for other data)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="where eval.md (and fid_vs_nfe.png) go (default: beside the input)")
     parser.add_argument("--json", help="also write the numbers as JSON here")
@@ -324,28 +356,38 @@ def main(argv=None):
                    or args.spacing or args.guidance_interval or args.ema is not None or args.labels):
         raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema, --labels and --guidance(-interval) "
                         "need a checkpoint, not an .npz")
-    digits, labels = read_npz(args.input) if is_npz else (None, None)
     device = runs.resolve_device(args.device)
-    model, cfg = (None, None) if is_npz else load_ema_model(args.input, device, args.ema)
+    if is_npz:
+        model, cfg = None, None
+        digits, labels, data_cfg = read_npz(args.input, args.data, args.data_root or helper.config["data"]["root"])
+    else:
+        if args.data != "mnist":
+            raise UserError("--data is for an .npz input: a checkpoint is scored against the data it was trained on")
+        model, cfg = load_ema_model(args.input, device, args.ema)
+        data_cfg = {**cfg["data"], "root": args.data_root or cfg["data"]["root"]}
+        digits, labels = None, None
     if args.labels and not cfg["model"]["num_classes"]:
         raise UserError("--labels needs a conditional checkpoint (python main.py --conditional); this one is not")
     guidances = args.guidance or [None]
     if not is_npz:
         cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
                                   spacing=args.spacing)
-    classifier, accuracy = load_or_train_classifier(args.classifier, args.data_root)
-    print(f"feature classifier: {accuracy:.2%} MNIST test accuracy")
-    test_digits, _ = mnist_digits(args.data_root, train=False)
+    classifier, accuracy, classes = load_or_train_classifier(args.classifier or classifier_path(data_cfg), data_cfg)
+    name = "MNIST" if data_cfg["name"] == "mnist" else os.path.basename(os.path.normpath(data_cfg["name"]))
+    print(f"feature classifier: {accuracy:.2%} {name} held-out accuracy"
+          f"{'' if classes else ' at telling the rotation (the data has no labels: no confident share or requested-class accuracy)'}")
+    test_digits, _ = data_images(data_cfg, train=False)
     reference, _ = classify(classifier, test_digits)
-    train_digits, train_labels = mnist_digits(args.data_root, train=True)
+    train_digits, train_labels = data_images(data_cfg, train=True)
     if not is_npz and cfg["model"]["num_classes"]:
-        labels = digit_mix(args.labels or "train", train_labels, args.num_samples)
+        labels = digit_mix(args.labels or "train", train_labels, args.num_samples, cfg["model"]["num_classes"])
     n = len(digits) if is_npz else args.num_samples
     pick = torch.randperm(len(train_digits), generator=torch.Generator().manual_seed(args.seed))[:min(n, 10000)]
-    rows = [{"name": f"MNIST train ({len(pick)}) vs test", **score(classifier, train_digits[pick.numpy()], reference)}]
+    rows = [{"name": f"{name} train ({len(pick)}) vs {'test' if data_cfg['name'] in runs.DATASETS else 'held out'}",
+             **score(classifier, train_digits[pick.numpy()], reference, classes=classes)}]
 
     if is_npz:
-        rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference, labels)})
+        rows.append({"name": os.path.basename(args.input), **score(classifier, digits, reference, labels, classes=classes)})
     else:
         settings = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
@@ -376,7 +418,7 @@ def main(argv=None):
                     if args.labels == "uniform":
                         row["labels"] = "uniform"
                         row["name"] += ", N/10 of each digit"
-                rows.append({**row, **score(classifier, samples, reference, labels)})
+                rows.append({**row, **score(classifier, samples, reference, labels, classes=classes)})
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
 
     table = markdown_table(rows)

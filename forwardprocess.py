@@ -1,8 +1,8 @@
-"""Visualise the forward process on a real MNIST digit (report §3): the step-by-step Markov
-chain (DDPM eq. 2), closed-form snapshots of q(x_t | x_0) (eq. 4), and how close x_T gets to
-N(0, I).
+"""Visualise the forward process on a real MNIST digit, or an image of other data (report §3):
+the step-by-step Markov chain (DDPM eq. 2), closed-form snapshots of q(x_t | x_0) (eq. 4), and
+how close x_T gets to N(0, I).
 
-    python forwardprocess.py [--preset P] [--data-root DIR] [--out DIR] [--seed S]
+    python forwardprocess.py [--preset P] [--data NAME_OR_PATH] [--data-root DIR] [--out DIR] [--seed S]
 """
 import os
 
@@ -17,7 +17,8 @@ from helper import Schedule
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="paper", help="whose schedule to show (default: paper)")
-    parser.add_argument("--data-root", help="torchvision MNIST root (default: config data.root)")
+    parser.add_argument("--data", default="mnist", help="the images, as main.py --data (default: mnist)")
+    parser.add_argument("--data-root", help="where torchvision datasets are (default: config data.root)")
     parser.add_argument("--out", default="out", help="output directory (default: out)")
     parser.add_argument("--seed", type=int, default=42, help="picks the digit and the noise")
     return parser.parse_args(argv)
@@ -40,7 +41,7 @@ def save_strip(images, titles, path, title):
     pixels = runs.to_uint8(images).numpy()  # (K, H, W, C)
     fig, axes = plt.subplots(1, len(pixels), figsize=(0.9 * len(pixels), 1.7), squeeze=False)
     for ax, image, caption in zip(axes[0], pixels, titles):
-        ax.imshow(image.squeeze(-1), cmap="gray", vmin=0, vmax=255)
+        ax.imshow(runs.shown(image), cmap="gray", vmin=0, vmax=255)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel(caption, fontsize=7)
@@ -53,13 +54,15 @@ def save_strip(images, titles, path, title):
 def main(argv=None):
     args = parse_args(argv)
     cfg = helper.get_config(args.preset)
+    name = args.data if args.data in runs.DATASETS else os.path.abspath(args.data)
     root = args.data_root or cfg["data"]["root"]
-    images, _ = runs.load_mnist(root, train=True)  # (60000, 28, 28) uint8
+    size = runs.read_data(name, root, True).images[0].shape[-1]  # the first image's size: any other is resized
+    images, _, _ = runs.load_data({"name": name, "root": root, "image_size": size}, train=True)  # (N, C, S, S) uint8
     sched = Schedule.from_config(cfg["diffusion"])
     T = sched.T
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randint(len(images), (1,), generator=generator).item()
-    x_0 = runs.to_model_range(images[index:index + 1], cfg["data"]["image_size"])  # (1, 1, S, S)
+    x_0 = runs.to_model_range(images[index:index + 1])  # (1, C, S, S)
     os.makedirs(args.out, exist_ok=True)
 
     # (a) the Markov chain, step by step; at most ~25 evenly spaced columns when T is large
@@ -77,12 +80,11 @@ def main(argv=None):
                os.path.join(args.out, "forward_closed_form.png"), "closed form q(x_t | x_0)")
 
     # how far x_T is from N(0, I), the distribution sampling starts from
-    batch = runs.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]],
-                                  cfg["data"]["image_size"])  # (1000, 1, S, S)
+    batch = runs.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]])  # (1000, C, S, S)
     x_T = helper.q_sample(batch, torch.full((len(batch),), T - 1), torch.randn(batch.shape, generator=generator), sched)
     alpha_bar_T = sched.alpha_bars[-1].item()
     print(f"alpha_bar_T = {alpha_bar_T:.4g}; sqrt(alpha_bar_T) = {alpha_bar_T ** 0.5:.4g} of x_0 survives in x_T")
-    print(f"x_T over {len(batch)} digits: mean {x_T.mean():+.4f}, variance {x_T.var():.4f}   "
+    print(f"x_T over {len(batch)} images: mean {x_T.mean():+.4f}, variance {x_T.var():.4f}   "
           f"(N(0, I): mean +0.0000, variance 1.0000)")
     print(f"wrote forward_chain.png and forward_closed_form.png to {args.out}")
 

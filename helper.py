@@ -15,9 +15,11 @@ from tqdm import tqdm
 
 config = {
     "data": {
-        "root": "data",            # torchvision MNIST root; MNIST/raw/ lives under it
-        "image_size": 28,          # 28 is native MNIST; 32 zero-pads by 2 px on each side
-        "channels": 1,             # MNIST is greyscale
+        "name": "mnist",           # a torchvision dataset (runs.DATASETS), a folder of images or an .npz
+        "root": "data",            # where torchvision datasets live (MNIST/raw/ for mnist)
+        "image_size": 28,          # S of the S x S images the model sees: the data's own size, or
+                                   # what main.py --set data.image_size=S resizes them to
+        "channels": 1,             # 1 (greyscale) or 3 (RGB), as the data's
     },
     "model": {
         "ch": 128,                 # base channel width of the U-Net
@@ -26,7 +28,7 @@ config = {
         "attn_resolutions": [1],   # resolutions with self-attention; [1]: bottleneck only
         "dropout": 0.1,            # inside every ResnetBlock, before its second conv
         "resamp_with_conv": True,  # strided conv down / conv after nearest-neighbour up
-        "num_classes": 0,          # 0: unconditional; 10: class-conditional on the MNIST digit
+        "num_classes": 0,          # 0: unconditional; else class-conditional (10 for the MNIST digit)
         "norm_group_channels": 4,  # channels per GroupNorm group (at most 32 groups per layer)
         "guidance_embedding": False,  # the guidance weight w is an input (a guidance-distilled student)
     },
@@ -124,6 +126,16 @@ presets = {
 }
 
 
+def cpu_levels(image_size):
+    """The cpu preset's U-Net levels for S x S images: ch_mult [1, 2, 2] takes 28 to 7 and 32 to 8
+    pixels at the bottleneck; each doubling of S beyond 32 adds a level of width 2, so the
+    bottleneck stays at 7 or 8 pixels (64 -> [1, 2, 2, 2]). The width (ch 32) stays."""
+    ch_mult = [1, 2, 2]
+    while image_size / 2 ** (len(ch_mult) - 1) > 8 and image_size % 2 ** len(ch_mult) == 0:
+        ch_mult.append(2)
+    return ch_mult
+
+
 SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
 SPACINGS = ("trailing", "uniform", "quadratic", "karras")
 
@@ -193,6 +205,7 @@ def validate_config(cfg):
     check(m["norm_group_channels"] > 0 and m["ch"] % m["norm_group_channels"] == 0,
           "model.ch must be a multiple of model.norm_group_channels (channels per GroupNorm group)")
     check(len(m["ch_mult"]) > 0, "model.ch_mult must not be empty")
+    check(cfg["data"]["channels"] in (1, 3), f"data.channels must be 1 or 3, got {cfg['data']['channels']}")
     check(cfg["data"]["image_size"] % 2 ** (len(m["ch_mult"]) - 1) == 0,
           f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")
     check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")

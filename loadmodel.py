@@ -45,8 +45,8 @@ def output_folder(out, checkpoint):
 def digit_choice(text):
     if text == "all":
         return text
-    if not text.isdigit() or not 0 <= int(text) <= 9:
-        raise argparse.ArgumentTypeError(f"must be a digit 0-9 or 'all', got {text!r}")
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a class (0-9 for MNIST's digits) or 'all', got {text!r}")
     return int(text)
 
 
@@ -61,8 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("checkpoint", nargs="?",
                         help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {PRETRAINED})")
     parser.add_argument("--digit", type=digit_choice,
-                        help="conditional checkpoints: the digit to draw, or 'all' for N/10 of each, one row "
-                             "per digit (default: all; --guidance 0 draws unconditional samples instead)")
+                        help="conditional checkpoints: the digit (the class, for other data) to draw, or 'all' "
+                             "for N/10 of each (N/classes), one row per class (default: all; --guidance 0 draws "
+                             "unconditional samples instead)")
     parser.add_argument("--guidance", type=float,
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
@@ -72,7 +73,7 @@ def parse_args(argv=None):
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=ETA_HELP)
     parser.add_argument("--num-samples", type=runs.positive_int,
-                        help="digits to sample (default: 16, or 100 with --digit all)")
+                        help="digits to sample (default: 16, or 10 per class with --digit all)")
     parser.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH,
                         help="digits sampled at once; memory depends on this, not on --num-samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of x_T and of the sampler's noise")
@@ -96,16 +97,19 @@ def requested_labels(digit, num_samples, cfg):
     """The label of each sample (N,) int64, or None for unconditional samples."""
     if digit is None:
         return None
-    if cfg["model"]["num_classes"] == 0:
+    classes = cfg["model"]["num_classes"]
+    if classes == 0:
         raise UserError("--digit needs a conditional checkpoint (python main.py --conditional); this one is not")
     if cfg["sampling"]["guidance"] == 0:
         raise UserError("guidance w = 0 samples unconditionally: it cannot be asked for a digit (drop --digit)")
     if digit != "all":
+        if digit >= classes:
+            raise UserError(f"--digit {digit}: this checkpoint knows the classes 0-{classes - 1}")
         return torch.full((num_samples,), digit, dtype=torch.long)
-    if num_samples % 10:
-        raise UserError(f"--digit all draws N/10 of each digit: --num-samples must be a multiple of 10, "
-                        f"got {num_samples}")
-    return torch.arange(10).repeat_interleave(num_samples // 10)
+    if num_samples % classes:
+        raise UserError(f"--digit all draws N/{classes} of each class: --num-samples must be a multiple of "
+                        f"{classes}, got {num_samples}")
+    return torch.arange(classes).repeat_interleave(num_samples // classes)
 
 
 def load_ema_model(path, device, decay=None):
@@ -137,7 +141,7 @@ def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
     for row in range(N):
         for k, column in enumerate(columns):
             ax = axes[row, k]
-            ax.imshow(images[row, k].squeeze(-1), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(runs.shown(images[row, k]), cmap="gray", vmin=0, vmax=255)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -161,14 +165,15 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
     images = []
     for step in steps:
         grid = torchvision.utils.make_grid((trajectory[:, step].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
-        pixels = (grid[0] * 255).round().to(torch.uint8).numpy()  # (H', W'), greyscale
+        grid = grid[0] if trajectory.shape[2] == 1 else grid.permute(1, 2, 0)  # (H', W') grey, (H', W', 3) RGB
+        pixels = (grid * 255).round().to(torch.uint8).numpy()
         images.append(Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST))
     durations = [80] * (len(images) - 1) + [2000]
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
 def save_digit_grid(digits, path, nrow):
-    """uint8 digits (N, 28, 28, C) as one PNG grid of nrow per row."""
+    """uint8 images (N, S, S, C) as one PNG grid of nrow per row."""
     runs.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
 
 
@@ -182,7 +187,8 @@ def main(argv=None):
     digit = args.digit
     if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
         digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally
-    n = args.num_samples or (100 if digit == "all" else 16)
+    classes = cfg["model"]["num_classes"]
+    n = args.num_samples or (10 * classes if digit == "all" else 16)
     labels = requested_labels(digit, n, cfg)
     out = output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
@@ -193,16 +199,16 @@ def main(argv=None):
     print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps{noise}), "
           f"seed {args.seed}, {args.batch_size} at a time")
 
-    per_row = n // 10 if digit == "all" else None
+    per_row = n // classes if digit == "all" else None
     shown = list(range(0, n, per_row)) if per_row else list(range(min(n, 8)))  # rows of trajectory.png
     digits, trajectory = runs.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
 
     row_labels = None if labels is None else [f"digit {labels[i]}" for i in shown]
     save_trajectory_figure(trajectory, os.path.join(out, "trajectory.png"), row_labels)
     save_trajectory_gif(trajectory, os.path.join(out, "trajectory.gif"), nrow=len(shown) if per_row else 4)
-    if per_row:  # one row per digit: the first of each, at most GRID_MAX in all
-        width = min(per_row, GRID_MAX // 10)
-        grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(10)])
+    if per_row:  # one row per class: the first of each, at most GRID_MAX in all
+        width = max(1, min(per_row, GRID_MAX // classes))
+        grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(classes)])
         save_digit_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
     else:
         grid = digits[:GRID_MAX]

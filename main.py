@@ -1,7 +1,8 @@
-"""Train the diffusion model on MNIST (report §4 Algorithm 1, §7), with EMA weights, periodic
-atomic checkpoints and exact resume; at the end write a sample grid and the loss curve.
+"""Train the diffusion model on MNIST (report §4 Algorithm 1, §7), or on other images, with EMA
+weights, periodic atomic checkpoints and exact resume; at the end write a sample grid and the
+loss curve.
 
-    python main.py [--preset P] [--conditional | --unconditional] [--data-root DIR] [--out DIR]
+    python main.py [--preset P] [--conditional | --unconditional] [--data NAME_OR_PATH] [--data-root DIR] [--out DIR]
                    [--minutes M | --epochs N | --steps N] [--set SECTION.KEY=VALUE ...]
                    [--resume CKPT] [--overwrite] [--seed S] [--device D]
 
@@ -39,7 +40,10 @@ from runs import RunError
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", help=f"{', '.join(helper.presets)} (default: paper with CUDA, else cpu)")
-    parser.add_argument("--data-root", help="torchvision MNIST root (default: config data.root)")
+    parser.add_argument("--data", help=f"the images: {', '.join(runs.DATASETS)} (default: mnist), a folder of "
+                                       f"images (class subfolders label them) or an .npz (uint8 arr_0 (N, H, W, C), "
+                                       f"optional labels); --set data.image_size=S resizes them")
+    parser.add_argument("--data-root", help="where torchvision datasets are, or are downloaded to (default: data)")
     parser.add_argument("--out", help="output directory (default: out, or the checkpoint's on --resume)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=runs.positive_int, help="train this many epochs")
@@ -56,8 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--conditional", action="store_true",
-                        help="learn the digit too (model.num_classes = 10), for classifier-free guidance "
-                             "(the cpu preset's default)")
+                        help="learn the label too (model.num_classes: the data's classes, 10 for MNIST), "
+                             "for classifier-free guidance (the cpu preset's default)")
     labels.add_argument("--unconditional", action="store_true",
                         help="learn images alone (model.num_classes = 0; the paper and smoke presets' default)")
     return parser.parse_args(argv)
@@ -68,21 +72,24 @@ def resolve(args):
     state = None
     if args.resume:
         if args.preset or args.seed is not None or args.conditional or args.unconditional or args.overwrite \
-                or args.settings:
-            raise UserError("--resume takes its preset, settings, seed and conditioning from the checkpoint; "
-                            "drop --preset/--set/--seed/--conditional/--unconditional/--overwrite")
+                or args.settings or args.data:
+            raise UserError("--resume takes its preset, settings, seed, data and conditioning from the checkpoint; "
+                            "drop --preset/--set/--seed/--data/--conditional/--unconditional/--overwrite")
         state = runs.load_checkpoint(args.resume, training=True)
         cfg = state["config"]
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
         cfg = helper.get_config(preset)
-        for setting in args.settings:
-            cfg = helper.merge_config(cfg, runs.parse_setting(setting))
+        settings = [runs.parse_setting(setting) for setting in args.settings]
+        for setting in settings:
+            cfg = helper.merge_config(cfg, setting)
         out = args.out or "out"
     overrides = {"data": {}, "training": {}, "model": {}}
     if args.conditional or args.unconditional:
-        overrides["model"]["num_classes"] = 10 if args.conditional else 0
+        overrides["model"]["num_classes"] = 10 if args.conditional else 0  # 10 stands for the data's classes
+    if args.data:
+        overrides["data"]["name"] = args.data if args.data in runs.DATASETS else os.path.abspath(args.data)
     if args.data_root:
         overrides["data"]["root"] = args.data_root
     if args.steps:
@@ -99,8 +106,41 @@ def resolve(args):
     if args.device:
         overrides["training"]["device"] = args.device
     cfg = helper.merge_config(cfg, overrides)
+    if state is None:
+        chosen = lambda section, key: any(key in setting.get(section, {}) for setting in settings)  # noqa: E731
+        cfg = fit_to_data(cfg, resize=chosen("data", "image_size"), conditional=args.conditional,
+                          levels=preset == "cpu" and not chosen("model", "ch_mult"))
     helper.validate_config(cfg)
     return cfg, state, out
+
+
+def fit_to_data(cfg, resize, conditional, levels):
+    """cfg with the data's channels, image size (unless `resize`: cfg's) and classes (for a
+    conditional model; unlabelled data trains unconditional, or, asked `conditional`, is refused),
+    and with `levels`, the cpu preset's U-Net levels for that size (helper.cpu_levels)."""
+    data_cfg = cfg["data"]
+    splits = [runs.read_data(data_cfg["name"], data_cfg["root"], train) for train in (True, False)]
+    data = splits[0]
+    first = data.images[0].shape[-2:]  # (H, W)
+    if not resize and (first[0] != first[1] or any(split.sizes != {tuple(first)} for split in splits)):
+        odd, split = next((i, split) for split in splits for i, image in enumerate(split.images)
+                          if image.shape[-2:] != first or first[0] != first[1])
+        what = split.files[odd] if split.files else f"image {odd}"
+        raise UserError(f"the images differ in size or are not square: {what} is {split.images[odd].shape[-1]}x"
+                        f"{split.images[odd].shape[-2]}, the first {first[1]}x{first[0]}; --set data.image_size=S "
+                        f"resizes every image to S x S")
+    size = data_cfg["image_size"] if resize else data.images[0].shape[-1]
+    num_classes = cfg["model"]["num_classes"]
+    if num_classes and data.labels is None:
+        if conditional:
+            raise UserError(f"--conditional needs labelled data; '{data_cfg['name']}' has no labels "
+                            f"(class subfolders, or an .npz key 'labels')")
+        print(f"'{data_cfg['name']}' has no labels: training an unconditional model")
+    fitted = {"data": {"image_size": size, "channels": data.images[0].shape[0]},
+              "model": {"num_classes": len(data.classes) if num_classes and data.labels is not None else 0}}
+    if levels:
+        fitted["model"]["ch_mult"] = helper.cpu_levels(size)
+    return helper.merge_config(cfg, fitted)
 
 
 def lr_at(step, tr, total_steps):
@@ -260,23 +300,27 @@ def save_loss_curve(losses, lrs, path):
     plt.close(fig)
 
 
-def train(cfg, out, state=None, progress=True, processes=None, loss_of=diffusion_loss, start_from=None):
+def train(cfg, out, state=None, progress=True, processes=None, loss_of=None, start_from=None):
     """Train until cfg's step count (continuing `state` if given), checkpointing to out/ckpt.pt;
     returns the EMA model and the per-step losses and learning rates. A time budget
     (training.minutes, steps 0) is turned into a step count first, recorded in cfg.
     Under torchrun (`processes`, entered), each process trains on its rows of every global batch
     and rank 0 writes the checkpoints. distill.py trains its students here too, with its own
-    `loss_of` (as train_step's) and `start_from`, the weights a new student starts from (the
-    teacher's; layers the teacher lacks keep their initialisation)."""
+    `loss_of` (as train_step's; diffusion_loss when None) and `start_from`, the weights a new
+    student starts from (the teacher's; layers the teacher lacks keep their initialisation)."""
     started = time.perf_counter()
+    loss_of = loss_of or diffusion_loss
     tr, device = cfg["training"], runs.resolve_device(cfg["training"]["device"])
     processes = processes or runs.Processes(device)
     processes.check_batch(tr["batch_size"])
     part, first = (processes.rank, processes.count), processes.rank == 0
-    images, labels = runs.load_mnist(cfg["data"]["root"], train=True)  # (60000, 28, 28) uint8, (60000,)
-    images, labels = images.to(device), labels.to(device)
+    images, labels, _ = runs.load_data(cfg["data"], train=True)  # uint8 (N, C, S, S); (N,) or None
     conditional = cfg["model"]["num_classes"] > 0
+    images, labels = images.to(device), labels.to(device) if conditional else None
     steps_per_epoch = len(images) // tr["batch_size"]
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(images)} training images are fewer than a batch ({tr['batch_size']}); "
+                        f"--set training.batch_size=B for a smaller one")
     bf16 = runs.use_bf16(cfg, device)
     sched = Schedule.from_config(cfg["diffusion"])
     ckpt_path = os.path.join(out, "ckpt.pt")
@@ -313,7 +357,7 @@ def train(cfg, out, state=None, progress=True, processes=None, loss_of=diffusion
           f"{steps_per_epoch} per epoch"
           f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
     if total_steps is None:  # a time budget: time steps on the first batch, then fix the count
-        x_0 = runs.to_model_range(processes.rows(images[:tr["batch_size"]]), cfg["data"]["image_size"])
+        x_0 = runs.to_model_range(processes.rows(images[:tr["batch_size"]]))
         y = processes.rows(labels[:tr["batch_size"]]) if conditional else None
         seconds_per_step = runs.measure_seconds_per_step(
             lambda: train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 0, y, extra_emas,
@@ -351,7 +395,7 @@ def train(cfg, out, state=None, progress=True, processes=None, loss_of=diffusion
                 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(tr["seed"] * 100003 + epoch))
             batch = order[index * tr["batch_size"]:(index + 1) * tr["batch_size"]]  # the global batch
             batch = processes.rows(batch).to(device)
-            x_0 = runs.to_model_range(images[batch], cfg["data"]["image_size"])  # (B / processes, 1, S, S)
+            x_0 = runs.to_model_range(images[batch])  # (B / processes, C, S, S)
             y = labels[batch] if conditional else None
 
             lr = lr_at(step, tr, total_steps)

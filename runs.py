@@ -1,7 +1,8 @@
 """What every script shares around the math of helper.py: the device and its bf16, compilation,
-MNIST and the conversion of images, drawing many samples in batches, checkpoint files, the
-command line, a training run's folder (guard, lock, time budget, Ctrl-C and SIGTERM) and the
-script runner that turns bad input into one line."""
+the data (MNIST, another torchvision dataset, a folder of images, an .npz) and the conversion of
+images, drawing many samples in batches, checkpoint files, the command line, a training run's
+folder (guard, lock, time budget, Ctrl-C and SIGTERM) and the script runner that turns bad input
+into one line."""
 import argparse
 import copy
 import ctypes
@@ -71,30 +72,145 @@ def autocast(device, enabled):
 
 
 # ----------------------------------------------------------------------------------------
-# MNIST and images.
+# Data: a torchvision dataset by name, a folder of images, or an .npz; and the conversion of images.
 
+DATASETS = {  # --data name -> torchvision class, its keyword arguments, its folder under --data-root
+    "mnist": ("MNIST", {}, "MNIST/raw"),
+    "fashion-mnist": ("FashionMNIST", {}, "FashionMNIST/raw"),
+    "kmnist": ("KMNIST", {}, "KMNIST/raw"),
+    "emnist-letters": ("EMNIST", {"split": "letters"}, "EMNIST/raw"),
+    "cifar10": ("CIFAR10", {}, "cifar-10-batches-py"),
+}
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HELD_OUT = 0.1  # the share of a folder or an .npz kept out of training, to score against
 
 
-def load_mnist(root, train=True):
-    """MNIST images as one uint8 tensor (N, 28, 28) and their labels (N,) int64, downloaded
-    by torchvision if absent."""
+class Images:
+    """A dataset's split in memory: images uint8 (N, C, H, W) (a list of (C, H, W) when the sizes
+    differ), labels int64 (N,) or None when unlabelled, the class names, and where each image
+    came from (a folder's files; None otherwise)."""
+
+    def __init__(self, images, labels, classes, files=None):
+        self.images, self.labels, self.classes, self.files = images, labels, classes, files
+
+    @property
+    def sizes(self):
+        return {tuple(image.shape[-2:]) for image in self.images}
+
+
+def read_torchvision(name, root, train):
     import torchvision
+    kind, extra, folder = DATASETS[name]
     try:
-        dataset = torchvision.datasets.MNIST(root=root, train=train, download=True)
+        dataset = getattr(torchvision.datasets, kind)(root=root, train=train, download=True, **extra)
     except (RuntimeError, OSError) as error:
-        raise UserError(f"MNIST not found under {os.path.join(root, 'MNIST', 'raw')} and could not be "
-                        f"downloaded ({type(error).__name__}); put the four files "
-                        f"{', '.join(MNIST_FILES)} there, or pass --data-root DIR") from None
-    return dataset.data, dataset.targets
+        files = ", ".join(MNIST_FILES) if kind in ("MNIST", "FashionMNIST", "KMNIST") else "its files"
+        raise UserError(f"{kind} not found under {os.path.join(root, folder)} and could not be downloaded "
+                        f"({type(error).__name__}); put {files} there, or pass --data-root DIR") from None
+    images, labels = torch.as_tensor(dataset.data), torch.as_tensor(dataset.targets)
+    if images.ndim == 3:  # greyscale (N, H, W)
+        images = images.unsqueeze(1)
+    else:  # CIFAR-10's (N, H, W, 3)
+        images = images.permute(0, 3, 1, 2).contiguous()
+    classes = list(dataset.classes)
+    if name == "emnist-letters":  # stored transposed, labelled 1-26 (class 0 is unused)
+        images, labels, classes = images.transpose(-1, -2).contiguous(), labels - 1, classes[1:]
+    return Images(images, labels.long(), classes)
 
 
-def to_model_range(images_uint8, image_size):
-    """uint8 digits (B, 28, 28) -> float in [-1, 1], (B, 1, S, S), zero-padded to image_size."""
-    x = images_uint8.float().div(127.5).sub(1).unsqueeze(1)  # (B, 28, 28) -> (B, 1, 28, 28)
-    pad = (image_size - x.shape[-1]) // 2
-    return torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0) if pad else x
+def read_folder(path):
+    """Every image in `path`: in class subfolders (sorted names give the labels 0, 1, ...) or
+    directly in it (unlabelled). Greyscale unless some image has colour; alpha is dropped."""
+    from PIL import Image
+    subfolders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    files = [(None, name) for name in sorted(os.listdir(path)) if name.lower().endswith(IMAGE_SUFFIXES)]
+    if subfolders and not files:
+        files = [(k, os.path.join(sub, name)) for k, sub in enumerate(subfolders)
+                 for name in sorted(os.listdir(os.path.join(path, sub))) if name.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise UserError(f"'{path}' holds no {'/'.join(IMAGE_SUFFIXES)} images, directly or in class subfolders")
+    images = []
+    for _, name in tqdm(files, desc=f"reading {path}", leave=False, disable=len(files) < 5000):
+        try:
+            with Image.open(os.path.join(path, name)) as image:
+                image = image.convert("RGB" if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "L")
+                pixels = torch.from_numpy(np.array(image))  # (H, W) or (H, W, 3) uint8; alpha dropped
+        except OSError as error:
+            raise UserError(f"'{os.path.join(path, name)}' is not a readable image ({error})") from None
+        images.append(pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1))
+    channels = max(len(image) for image in images)
+    images = [image.expand(channels, -1, -1) for image in images]
+    labeled = files[0][0] is not None
+    return Images(images, torch.tensor([k for k, _ in files]) if labeled else None, subfolders if labeled else [],
+                  [os.path.join(path, name) for _, name in files])
+
+
+def read_npz_images(path):
+    """An .npz with uint8 arr_0 (N, H, W, C), C 1 or 3, and optional integer labels (N,)."""
+    try:
+        with np.load(path) as archive:
+            if "arr_0" not in archive:
+                raise UserError(f"'{path}' has no array arr_0 (keys: {', '.join(archive.files)})")
+            images, labels = archive["arr_0"], archive["labels"] if "labels" in archive else None
+    except (OSError, ValueError) as error:
+        raise UserError(f"'{path}' is not a readable .npz ({type(error).__name__})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) < 2:
+        raise UserError(f"'{path}' arr_0 must be uint8 of shape (N >= 2, H, W, 1 or 3), got {images.dtype} "
+                        f"{images.shape}")
+    if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu" or labels.min() < 0):
+        raise UserError(f"'{path}' labels must be integers >= 0 of shape ({len(images)},), got {labels.dtype} "
+                        f"{labels.shape}")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if labels is None:
+        return Images(images, None, [])
+    labels = torch.from_numpy(labels).long()
+    return Images(images, labels, [str(k) for k in range(int(labels.max()) + 1)])
+
+
+def held_out_split(data, train):
+    """A fixed 90/10 split of data that has no test split of its own."""
+    order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))
+    n_test = max(1, round(HELD_OUT * len(order)))
+    keep = (order[n_test:] if train else order[:n_test]).sort().values
+    images = data.images[keep] if torch.is_tensor(data.images) else [data.images[i] for i in keep]
+    return Images(images, None if data.labels is None else data.labels[keep], data.classes,
+                  data.files and [data.files[i] for i in keep])
+
+
+@functools.lru_cache(maxsize=4)
+def read_data(name, root, train):
+    """The data `--data` names, at its own size(s): a torchvision dataset (its train or test
+    split), or a folder of images or an .npz (all but a held-out tenth, or that tenth)."""
+    if name in DATASETS:
+        return read_torchvision(name, root, train)
+    if name.endswith(".npz") and os.path.isfile(name):
+        data = read_npz_images(name)
+    elif os.path.isdir(name):
+        data = read_folder(name)
+    else:
+        raise UserError(f"--data '{name}' is neither a dataset ({', '.join(DATASETS)}), a folder of images nor "
+                        f"an .npz file")
+    return held_out_split(data, train)
+
+
+def load_data(data_cfg, train=True):
+    """The images of cfg["data"] as uint8 (N, C, S, S), resized to data.image_size S where their
+    own size differs, their labels (N,) (None when unlabelled) and class names."""
+    data = read_data(data_cfg["name"], data_cfg["root"], train)
+    size = data_cfg["image_size"]
+    if data.sizes == {(size, size)}:
+        images = data.images if torch.is_tensor(data.images) else torch.stack(data.images)
+    else:
+        import torchvision.transforms.v2.functional as F
+        images = torch.stack([F.resize(image, [size, size], antialias=True) for image in data.images])
+    return images, data.labels, data.classes
+
+
+def to_model_range(images_uint8):
+    """uint8 images (B, C, H, W) -> float in [-1, 1]."""
+    return images_uint8.float().div(127.5).sub(1)
 
 
 def to_uint8(x):
@@ -103,10 +219,13 @@ def to_uint8(x):
 
 
 def to_digits(samples):
-    """Samples (N, C, S, S) in [-1, 1] -> MNIST-format uint8 digits (N, 28, 28, C), the
-    zero-padding of a 32x32 config cropped away."""
-    pad = (samples.shape[-1] - 28) // 2
-    return to_uint8(samples[..., pad:pad + 28, pad:pad + 28]).numpy()
+    """Samples (N, C, S, S) in [-1, 1] -> uint8 images (N, S, S, C), as numpy (the .npz layout)."""
+    return to_uint8(samples).numpy()
+
+
+def shown(image):
+    """uint8 (H, W, C) -> what matplotlib's imshow takes: (H, W) greyscale (cmap gray), RGB as it is."""
+    return image[..., 0] if image.shape[-1] == 1 else image
 
 
 def save_grid(images, path, nrow):

@@ -18,10 +18,16 @@ def mnist_root():
 
 
 @pytest.fixture(scope="session")
-def digits(mnist_root):
+def mnist(mnist_root):
+    """cfg["data"] of MNIST, for runs.load_data and evaluate.data_images."""
+    return {"name": "mnist", "root": mnist_root, "image_size": 28, "channels": 1}
+
+
+@pytest.fixture(scope="session")
+def digits(mnist):
     """The first 512 MNIST training digits in model range, (512, 1, 28, 28)."""
     import runs
-    return runs.to_model_range(runs.load_mnist(mnist_root)[0][:512], 28)
+    return runs.to_model_range(runs.load_data(mnist)[0][:512])
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +50,16 @@ def conditional_run(tmp_path_factory, mnist_root):
 
 
 @pytest.fixture(scope="session")
-def classifier_file(tmp_path_factory, mnist_root):
+def classifier_file(tmp_path_factory, mnist):
     """A feature classifier trained briefly (3 epochs) on 6000 digits, saved where evaluate.py caches it."""
     import torch
 
     import evaluate
     import runs
-    images, labels = evaluate.mnist_digits(mnist_root, train=True)
-    classifier = evaluate.train_classifier(torch.as_tensor(images[:6000]).squeeze(-1), labels[:6000],
+    images, labels = evaluate.data_images(mnist, train=True)
+    classifier = evaluate.train_classifier(torch.as_tensor(images[:6000]).movedim(-1, 1), labels[:6000],
                                            epochs=3, progress=False)
-    test_images, test_labels = evaluate.mnist_digits(mnist_root, train=False)
+    test_images, test_labels = evaluate.data_images(mnist, train=False)
     _, probs = evaluate.classify(classifier, test_images[:2000])
     accuracy = (probs.argmax(-1) == test_labels[:2000]).double().mean().item()
     path = tmp_path_factory.mktemp("classifier") / "classifier.pt"

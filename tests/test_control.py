@@ -221,8 +221,8 @@ def test_loadmodel_draws_each_digit_from_a_conditional_checkpoint_unless_guidanc
 @pytest.mark.parametrize("flags, preset, num_classes", [
     ([], "cpu", 10), (["--unconditional"], "cpu", 0), ([], "paper", 0), ([], "smoke", 0), (["--conditional"], "smoke", 10),
 ])
-def test_the_cpu_preset_is_conditional_and_the_flags_choose(flags, preset, num_classes):
-    cfg, _, _ = main.resolve(main.parse_args(["--preset", preset, *flags]))
+def test_the_cpu_preset_is_conditional_and_the_flags_choose(flags, preset, num_classes, mnist_root):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", preset, "--data-root", mnist_root, *flags]))
     assert cfg["model"]["num_classes"] == num_classes
 
 
@@ -237,15 +237,15 @@ def test_edit_inpaint_and_interpolate_write_their_figures(conditional_run, mnist
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_inpainting_an_unconditional_model_labels_the_originals(trained, tmp_path, mnist_root):
+def test_inpainting_an_unconditional_model_labels_the_originals(trained, tmp_path, mnist_root, mnist):
     edit.main(["inpaint", str(trained / "ckpt.pt"), "--index", "0", "--count", "3", "--num-samples", "1",
                "--data-root", mnist_root, "--out", str(tmp_path)])
-    _, test_labels = runs.load_mnist(mnist_root, train=False)
+    _, test_labels, _ = runs.load_data(mnist, train=False)
     assert np.load(tmp_path / "inpainted.npz")["labels"].tolist() == test_labels[:3].tolist()
 
 
-def test_evaluate_scores_requested_digit_accuracy_of_a_labelled_npz(classifier_file, mnist_root, tmp_path):
-    images, labels = evaluate.mnist_digits(mnist_root, train=False)
+def test_evaluate_scores_requested_digit_accuracy_of_a_labelled_npz(classifier_file, mnist_root, mnist, tmp_path):
+    images, labels = evaluate.data_images(mnist, train=False)
     pick = np.random.default_rng(0).permutation(len(images))[:500]
     wrong = (labels[pick].numpy() + 1) % 10
     for name, asked in (("right", labels[pick].numpy()), ("wrong", wrong)):
@@ -295,7 +295,7 @@ def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["loadmodel.py", "COND", "--digit", "12"], "must be a digit 0-9"),
+    (["loadmodel.py", "COND", "--digit", "12"], "this checkpoint knows the classes 0-9"),
     (["loadmodel.py", "UNCOND", "--digit", "3"], "--digit needs a conditional checkpoint"),
     (["loadmodel.py", "UNCOND", "--guidance", "2"], "--guidance needs a conditional checkpoint"),
     (["loadmodel.py", "COND", "--digit", "3", "--guidance", "-1"], "sampling.guidance must not be negative"),
@@ -303,8 +303,8 @@ def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run
     (["loadmodel.py", "COND", "--num-samples", "15"], "must be a multiple of 10"),
     (["loadmodel.py", "COND", "--digit", "3", "--guidance", "0"], "cannot be asked for a digit"),
     (["main.py", "--conditional", "--unconditional"], "not allowed with argument"),
-    (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 test digits"),
-    (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 test digits"),
+    (["edit.py", "inpaint", "COND", "--index", "10000"], "runs past the 10000 held-out images"),
+    (["edit.py", "inpaint", "COND", "--index", "-1"], "runs past the 10000 held-out images"),
     (["evaluate.py", "COND", "--guidance", "1,-2"], "guidance must not be negative"),
     (["evaluate.py", "UNCOND", "--labels", "uniform"], "--labels needs a conditional checkpoint"),
     (["loadmodel.py", "COND", "--guidance-interval", "2", "1"], "guidance_interval must be [] or [lo, hi]"),

@@ -61,12 +61,13 @@ def test_digit_mix_follows_the_training_shares_and_sums_to_n(n):
 @pytest.mark.parametrize("array, fragment", [
     (np.zeros((4, 28, 28, 1), np.float32), "must be uint8"),
     (np.zeros((4, 28, 28), np.uint8), "must be uint8 of shape"),
-    (np.zeros((4, 32, 32, 1), np.uint8), "must be uint8 of shape"),
+    (np.zeros((4, 28, 28, 2), np.uint8), "must be uint8 of shape"),
+    (np.zeros((4, 28, 28, 3), np.uint8), "'mnist' has 1 channel"),
 ])
-def test_npz_reader_rejects_wrong_dtype_and_shape(tmp_path, array, fragment):
+def test_npz_reader_rejects_wrong_dtype_and_shape(tmp_path, array, fragment, mnist_root):
     np.savez(tmp_path / "bad.npz", arr_0=array)
     with pytest.raises(helper.UserError, match=fragment):
-        evaluate.read_npz(str(tmp_path / "bad.npz"))
+        evaluate.read_npz(str(tmp_path / "bad.npz"), "mnist", mnist_root)
 
 
 def test_npz_reader_rejects_a_missing_key_on_one_line(tmp_path):
@@ -79,8 +80,8 @@ def test_classifier_learns_mnist(classifier_file):
     assert classifier_file[1] > 0.95
 
 
-def test_real_test_digits_score_near_the_floor_and_noise_far_from_it(classifier_file, mnist_root, tmp_path):
-    test_images, _ = evaluate.mnist_digits(mnist_root, train=False)
+def test_real_test_digits_score_near_the_floor_and_noise_far_from_it(classifier_file, mnist_root, mnist, tmp_path):
+    test_images, _ = evaluate.data_images(mnist, train=False)
     pick = np.random.default_rng(0).permutation(len(test_images))[:1000]  # the test set is ordered by writer group
     np.savez(tmp_path / "real.npz", arr_0=test_images[pick])
     rng = np.random.default_rng(0)

@@ -234,14 +234,14 @@ def test_fuzzed_checkpoints_are_refused_as_user_errors(checkpoint_bytes, tmp_pat
 @pytest.mark.parametrize("arrays, fragment", [
     ({"arr_0": np.random.default_rng(0).random((8, 28, 28, 1))}, "must be uint8"),
     ({"arr_0": np.full((8, 28, 28, 1), 1000, np.int16)}, "must be uint8"),
-    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.full(8, 10)}, "labels must be int64 digits 0-9"),
-    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(8)}, "labels must be int64 digits 0-9"),
-    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(7, np.int64)}, "labels must be int64"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.full(8, 10)}, "labels must be classes 0-9"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(8)}, "labels must be integers"),
+    ({"arr_0": np.zeros((8, 28, 28, 1), np.uint8), "labels": np.zeros(7, np.int64)}, "labels must be integers"),
 ])
-def test_npz_with_wrong_range_or_labels_is_refused(tmp_path, arrays, fragment):
+def test_npz_with_wrong_range_or_labels_is_refused(tmp_path, arrays, fragment, mnist_root):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(UserError, match=fragment):
-        evaluate.read_npz(str(tmp_path / "bad.npz"))
+        evaluate.read_npz(str(tmp_path / "bad.npz"), "mnist", mnist_root)
 
 
 def test_damaged_inputs_give_one_line_on_the_command_line(checkpoint_bytes, tmp_path):

@@ -156,12 +156,13 @@ def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes
     assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
 
 
-def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path):
-    cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--set", "training.lr=0.003",
+def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path, mnist_root):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--set", "training.lr=0.003", "--data-root", mnist_root,
                                               "--set", "model.ch_mult=[1,2]", "--set", "diffusion.prediction=edm"]))
     assert cfg["training"]["lr"] == 0.003 and cfg["model"]["ch_mult"] == [1, 2]
     assert cfg["diffusion"]["prediction"] == "edm" and cfg == helper.merge_config(helper.get_config("smoke"), {
-        "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "edm"}})
+        "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "edm"},
+        "data": {"root": mnist_root}})
     with pytest.raises(helper.UserError, match="--resume takes its preset, settings"):
         main.resolve(main.parse_args(["--resume", str(tmp_path / "ckpt.pt"), "--set", "training.lr=0.1"]))
 
@@ -193,8 +194,8 @@ def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
     ([], 30.0, None), (["--steps", "100"], 0.0, 100), (["--epochs", "2"], 0.0, 2 * (60000 // 128)),
     (["--minutes", "5"], 5.0, None),
 ])
-def test_the_cpu_preset_runs_on_a_time_budget_unless_steps_or_epochs_are_given(flags, minutes, total):
-    cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", *flags]))
+def test_the_cpu_preset_runs_on_a_time_budget_unless_steps_or_epochs_are_given(flags, minutes, total, mnist_root):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data-root", mnist_root, *flags]))
     assert cfg["training"]["minutes"] == minutes and runs.total_steps_of(cfg) == total
 
 
