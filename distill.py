@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
     parser.add_argument("--overwrite", action="store_true", help="start every stage over")
-    parser.add_argument("--data-root", help="torchvision MNIST root (default: the teacher's data.root)")
+    parser.add_argument("--data-root", help="where torchvision datasets are (default: the teacher's data.root)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
     return parser.parse_args(argv)
 

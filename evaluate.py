@@ -119,17 +119,21 @@ def load_or_train_classifier(path, data_cfg):
     """The cached classifier at `path`, trained on the data's training split (and its held-out
     accuracy) if absent; of the rotation task for unlabelled data. Returns it, the accuracy and
     whether it classifies the data's own classes."""
-    labelled = runs.read_data(data_cfg["name"], data_cfg["root"], True).labels is not None
+    data = runs.read_data(data_cfg["name"], data_cfg["root"], True)
+    labelled, classes = data.labels is not None, len(data.classes) if data.labels is not None else 4
     if os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        classifier = Classifier(data_cfg["channels"], state["model"]["head.weight"].shape[0])
-        classifier.load_state_dict(state["model"])
+        classifier = Classifier(data_cfg["channels"], classes)
+        try:
+            classifier.load_state_dict(state["model"])
+        except RuntimeError:
+            raise UserError(f"the classifier '{path}' was trained on other data (channels or classes differ); "
+                            f"delete it, or pass --classifier PATH") from None
         return classifier.eval(), state["test_accuracy"], labelled
     print(f"training the feature classifier of {data_cfg['name']} (cached to {path})")
     (train_images, train_labels), (test_images, test_labels) = (data_images(data_cfg, train) for train in (True, False))
     if not labelled:
         (train_images, train_labels), (test_images, test_labels) = rotations(train_images), rotations(test_images)
-    classes = 4 if not labelled else len(runs.read_data(data_cfg["name"], data_cfg["root"], True).classes)
     classifier = train_classifier(torch.as_tensor(train_images).movedim(-1, 1), train_labels, classes)
     _, probs = classify(classifier, test_images)
     accuracy = (probs.argmax(-1) == test_labels).double().mean().item()

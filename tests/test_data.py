@@ -11,6 +11,7 @@ from PIL import Image
 
 import edit
 import evaluate
+import forwardprocess
 import helper
 import loadmodel
 import main
@@ -36,21 +37,21 @@ def datasets(tmp_path_factory, mnist):
         os.symlink(os.path.join(mnist["root"], "MNIST", "raw", name), fashion / name)
     return {"fashion-mnist": ("fashion-mnist", str(root), ["--conditional"], (28, 28, 1)),
             "png": (str(root / "png"), None, ["--conditional"], (28, 28, 1)),
-            "png-64": (str(root / "png"), None, ["--conditional", "--set", "data.image_size=64",
-                                                 "--set", "model.ch_mult=[1,2,2,2]"], (64, 64, 1)),
             "rgb.npz": (str(root / "rgb.npz"), None, ["--conditional"], (32, 32, 3)),
-            "unlabelled": (str(root / "unlabelled"), None, [], (32, 32, 3))}
+            "unlabelled-64": (str(root / "unlabelled"), None, [
+                "--set", "data.image_size=64", "--set", "model.ch_mult=[1,2,2,2]"], (64, 64, 3))}
 
 
 def train(datasets, kind, out, *flags):
     data, root, extra, _ = datasets[kind]
-    args = ["--preset", "smoke", "--data", data, "--out", str(out), *extra, *flags]
+    args = ["--preset", "smoke", "--data", data, "--out", str(out), "--set", "training.checkpoint_every=100",
+            *extra, *flags]  # a checkpoint (and its preview grid) at the end alone
     main.main(args + (["--data-root", root] if root else []))
 
 
-@pytest.mark.parametrize("kind", ["fashion-mnist", "png", "png-64", "rgb.npz", "unlabelled"])
+@pytest.mark.parametrize("kind", ["fashion-mnist", "png", "rgb.npz", "unlabelled-64"])
 def test_each_kind_of_data_trains_resumes_samples_edits_and_scores(datasets, kind, tmp_path, classifier_file):
-    shape, labelled = datasets[kind][3], kind != "unlabelled"
+    shape, labelled = datasets[kind][3], not kind.startswith("unlabelled")
     train(datasets, kind, tmp_path / "straight", "--steps", "6")
     train(datasets, kind, tmp_path / "halves", "--steps", "3")
     main.main(["--resume", str(tmp_path / "halves" / "ckpt.pt"), "--steps", "6"])
@@ -78,6 +79,12 @@ def test_each_kind_of_data_trains_resumes_samples_edits_and_scores(datasets, kin
     assert ("confident" in row) == labelled and ("accuracy" in row) == labelled
 
 
+def test_forwardprocess_shows_an_rgb_image(datasets, tmp_path, capsys):
+    forwardprocess.main(["--data", datasets["rgb.npz"][0], "--out", str(tmp_path)])
+    assert (tmp_path / "forward_chain.png").exists() and (tmp_path / "forward_closed_form.png").exists()
+    assert "x_T over 270 images" in capsys.readouterr().out  # the training split of 300
+
+
 def test_a_folder_and_an_npz_keep_a_fixed_tenth_out_of_training(datasets):
     whole = runs.read_npz_images(datasets["rgb.npz"][0])
     label_of = {image.numpy().tobytes(): label for image, label in zip(whole.images, whole.labels.tolist())}
@@ -95,7 +102,7 @@ def test_the_cpu_preset_fits_its_levels_to_the_image_size_and_unlabelled_data_tr
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data", datasets["png"][0],
                                               "--set", "data.image_size=64"]))
     assert cfg["model"]["ch_mult"] == [1, 2, 2, 2] and cfg["data"]["image_size"] == 64
-    cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data", datasets["unlabelled"][0]]))
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data", datasets["unlabelled-64"][0]]))
     assert cfg["model"]["num_classes"] == 0 and (cfg["data"]["image_size"], cfg["data"]["channels"]) == (32, 3)
     assert "has no labels: training an unconditional model" in capsys.readouterr().out
 

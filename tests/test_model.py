@@ -109,17 +109,19 @@ def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
 @pytest.mark.parametrize("frozen", [False, True])
 @torch.no_grad()
 def test_compiled_model_matches_eager(frozen):
-    """Training's compiled network, and sampling's with the weights frozen into the graph and
-    inductor's layouts (as runs.sampling_network compiles it). The smoke preset's U-Net has every
-    block type of the cpu preset's (res blocks that change width, attention, down- and
-    upsampling) at the width and depth that compile fastest; the tests that compile share its
-    batch shape, so most of their kernels are compiled once."""
+    """Training's compiled network under bf16 autocast (the cpu preset's), and sampling's with
+    the weights frozen into the graph and inductor's layouts (as runs.sampling_network compiles
+    it), in fp32 and bf16. The smoke preset's U-Net has every block type of the cpu preset's
+    (res blocks that change width, attention, down- and upsampling) at the width and depth that
+    compile fastest; the tests that compile share its batch shape, so most of their kernels are
+    compiled once. Each precision is a graph of its own, compiled in about half a minute."""
     torch.manual_seed(0)
     model = Model.from_config(helper.get_config("smoke")).eval()
     x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 5, 10, 19])
     compiled = runs.compile_network(model, frozen=frozen, layouts=frozen)
     reference = model(x, t)
-    assert relative_error(compiled(x, t), reference) < 1e-4
+    if frozen:
+        assert relative_error(compiled(x, t), reference) < 1e-4
     with runs.autocast("cpu", True):
         bf16 = compiled(x, t)
     assert bf16.dtype == torch.bfloat16 and relative_error(bf16, reference) < 2e-2
