@@ -107,7 +107,8 @@ def resolve(args):
         overrides["training"]["device"] = args.device
     cfg = helper.merge_config(cfg, overrides)
     if state is None:
-        chosen = lambda section, key: any(key in setting.get(section, {}) for setting in settings)  # noqa: E731
+        def chosen(section, key):  # set with --set
+            return any(key in setting.get(section, {}) for setting in settings)
         cfg = fit_to_data(cfg, resize=chosen("data", "image_size"), conditional=args.conditional,
                           levels=preset == "cpu" and not chosen("model", "ch_mult"))
     helper.validate_config(cfg)

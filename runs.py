@@ -124,7 +124,7 @@ def read_folder(path):
     """Every image in `path`: in class subfolders (sorted names give the labels 0, 1, ...) or
     directly in it (unlabelled). Greyscale unless some image has colour; alpha is dropped."""
     from PIL import Image
-    subfolders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    subfolders = sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
     files = [(None, name) for name in sorted(os.listdir(path)) if name.lower().endswith(IMAGE_SUFFIXES)]
     if subfolders and not files:
         files = [(k, os.path.join(sub, name)) for k, sub in enumerate(subfolders)
@@ -142,8 +142,8 @@ def read_folder(path):
         images.append(pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1))
     channels = max(len(image) for image in images)
     images = [image.expand(channels, -1, -1) for image in images]
-    labeled = files[0][0] is not None
-    return Images(images, torch.tensor([k for k, _ in files]) if labeled else None, subfolders if labeled else [],
+    labelled = files[0][0] is not None
+    return Images(images, torch.tensor([k for k, _ in files]) if labelled else None, subfolders if labelled else [],
                   [os.path.join(path, name) for _, name in files])
 
 
