@@ -128,6 +128,21 @@ def guidance_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part=(0
     return (output.float() - target).pow(2).mean()
 
 
+def student_level_in_teacher(k):
+    """The teacher's level (of 2N, trailing) that is the student's level k (of N): the trailing
+    spacing's N levels are every other level of its 2N."""
+    return 2 * k + 1
+
+
+def two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next):
+    """Salimans & Ho 2022 Algorithm 2: the x_0 whose one DDIM step from x_t (level a_t) lands on
+    x_next (level a_next), where the teacher's two steps landed. With alpha = sqrt(a) and
+    sigma = sqrt(1 - a):  x~ = (x_next - (sigma_next / sigma_t) x_t) / (alpha_next - (sigma_next / sigma_t) alpha_t);
+    at the last step, sigma_next = 0, it is x_next itself."""
+    ratio = ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
+    return (x_next - ratio * x_t) / (alpha_bar_next ** 0.5 - ratio * alpha_bar_t ** 0.5)
+
+
 @functools.cache
 def student_and_teacher_schedules(diffusion, steps):
     """The trailing-spaced schedules of a student of `steps` DDIM steps and of its teacher at 2 steps
@@ -139,7 +154,7 @@ def student_and_teacher_schedules(diffusion, steps):
 def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
     """Two DDIM steps (eta = 0) of the teacher (a model(x, t)) from x_t at the student's level k
     (B,): its levels 2k + 1 -> 2k -> 2k - 1 (clean after level 0)."""
-    for level in (helper.student_level_in_teacher(k), helper.student_level_in_teacher(k) - 1):
+    for level in (student_level_in_teacher(k), student_level_in_teacher(k) - 1):
         x_0, eps, _ = helper.denoise(teacher, x_t, level, teacher_sched, prediction, clip_x0)
         x_t = helper.ddim_step(x_0, eps, helper.extract(teacher_sched.alpha_bars_prev, level, x_t.shape))
     return x_t
@@ -147,11 +162,11 @@ def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
 
 def progressive_target(teacher, x_t, k, student_sched, teacher_sched, prediction, clip_x0):
     """What the student outputs at x_t, level k (B,), so that its one DDIM step lands where the
-    teacher's two do (helper.two_step_target), in the student's parameterisation."""
+    teacher's two do (two_step_target), in the student's parameterisation."""
     x_next = teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0)
     alpha_bar_t = helper.extract(student_sched.alpha_bars, k, x_t.shape)
     alpha_bar_next = helper.extract(student_sched.alpha_bars_prev, k, x_t.shape)
-    x_0 = helper.two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next)
+    x_0 = two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next)
     _, eps = helper.predict_x0_eps(x_0, x_t, k, student_sched, "x0")
     return helper.training_target(x_0, eps, k, student_sched, prediction)
 

@@ -126,16 +126,6 @@ presets = {
 }
 
 
-def cpu_levels(image_size):
-    """The cpu preset's U-Net levels for S x S images: ch_mult [1, 2, 2] takes 28 to 7 and 32 to 8
-    pixels at the bottleneck; each doubling of S beyond 32 adds a level of width 2, so the
-    bottleneck stays at 7 or 8 pixels (64 -> [1, 2, 2, 2]). The width (ch 32) stays."""
-    ch_mult = [1, 2, 2]
-    while image_size / 2 ** (len(ch_mult) - 1) > 8 and image_size % 2 ** len(ch_mult) == 0:
-        ch_mult.append(2)
-    return ch_mult
-
-
 SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
 SPACINGS = ("trailing", "uniform", "quadratic", "karras")
 
@@ -522,6 +512,13 @@ def ddpm_sample(model, x_T, sched, prediction="eps", variance="beta", clip_x0=Fa
     return trajectory.result(x_t)
 
 
+def ddim_step(x_0, eps, alpha_bar_next, sigma=0.0):
+    """DDIM eq. 12 (Song et al. 2021) without its noise term, from the (x_0, eps) implied at the
+    current level to the level of alpha_bar_next (a number or (B, 1, 1, 1)):
+    sqrt(a_next) x_0 + sqrt(1 - a_next - sigma^2) eps; sigma = 0 is the deterministic step."""
+    return alpha_bar_next ** 0.5 * x_0 + torch.as_tensor(1 - alpha_bar_next - sigma ** 2).clamp(min=0).sqrt() * eps
+
+
 @torch.no_grad()
 def ddim_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
                 generator=None, trajectory_of=None, progress=True):
@@ -533,7 +530,7 @@ def ddim_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
         x_0, eps, _ = denoise(model, x_t, i, sched, prediction, clip_x0)
         alpha_bar, alpha_bar_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
         sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-        x_t = math.sqrt(alpha_bar_prev) * x_0 + math.sqrt(max(0.0, 1 - alpha_bar_prev - sigma ** 2)) * eps
+        x_t = ddim_step(x_0, eps, alpha_bar_prev, sigma)
         if sigma > 0:
             x_t = x_t + sigma * noise_like(x_t, generator)
         trajectory.append(x_t)
@@ -720,30 +717,3 @@ def sampling_schedule(cfg):
     if stops and stops < sched.T:
         sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
     return sched
-
-
-# ----------------------------------------------------------------------------------------
-# Progressive distillation (Salimans & Ho 2022), which distill.py trains with: a student of N
-# DDIM steps learns, in each of its steps, the two DDIM steps its teacher takes at 2N. Both
-# walk the trailing spacing, whose N levels are every other level of its 2N: the student's
-# level k is the teacher's level 2k + 1 (student_level_in_teacher).
-
-def ddim_step(x_0, eps, alpha_bar_next):
-    """DDIM's deterministic step (Song et al. 2021 eq. 12, eta = 0) to the level of alpha_bar_next
-    (a number or (B, 1, 1, 1)), from the (x_0, eps) implied at the current one:
-    x_next = sqrt(a_next) x_0 + sqrt(1 - a_next) eps."""
-    return alpha_bar_next ** 0.5 * x_0 + (1 - alpha_bar_next) ** 0.5 * eps
-
-
-def two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next):
-    """Salimans & Ho 2022 Algorithm 2: the x_0 whose one DDIM step from x_t (level a_t) lands on
-    x_next (level a_next), where the teacher's two steps landed. With alpha = sqrt(a) and
-    sigma = sqrt(1 - a):  x~ = (x_next - (sigma_next / sigma_t) x_t) / (alpha_next - (sigma_next / sigma_t) alpha_t);
-    at the last step, sigma_next = 0, it is x_next itself."""
-    ratio = ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
-    return (x_next - ratio * x_t) / (alpha_bar_next ** 0.5 - ratio * alpha_bar_t ** 0.5)
-
-
-def student_level_in_teacher(k):
-    """The teacher's level (of 2N, trailing) that is the student's level k (of N)."""
-    return 2 * k + 1

@@ -115,10 +115,20 @@ def resolve(args):
     return cfg, state, out
 
 
+def cpu_levels(image_size):
+    """The cpu preset's U-Net levels for S x S images: ch_mult [1, 2, 2] takes 28 to 7 and 32 to 8
+    pixels at the bottleneck; each doubling of S beyond 32 adds a level of width 2, so the
+    bottleneck stays at 7 or 8 pixels (64 -> [1, 2, 2, 2]). The width (ch 32) stays."""
+    ch_mult = [1, 2, 2]
+    while image_size / 2 ** (len(ch_mult) - 1) > 8 and image_size % 2 ** len(ch_mult) == 0:
+        ch_mult.append(2)
+    return ch_mult
+
+
 def fit_to_data(cfg, resize, conditional, levels):
     """cfg with the data's channels, image size (unless `resize`: cfg's) and classes (for a
     conditional model; unlabelled data trains unconditional, or, asked `conditional`, is refused),
-    and with `levels`, the cpu preset's U-Net levels for that size (helper.cpu_levels)."""
+    and with `levels`, the cpu preset's U-Net levels for that size (cpu_levels)."""
     data_cfg = cfg["data"]
     splits = [runs.read_data(data_cfg["name"], data_cfg["root"], train) for train in (True, False)]
     data = splits[0]
@@ -140,7 +150,7 @@ def fit_to_data(cfg, resize, conditional, levels):
     fitted = {"data": {"image_size": size, "channels": data.images[0].shape[0]},
               "model": {"num_classes": len(data.classes) if num_classes and data.labels is not None else 0}}
     if levels:
-        fitted["model"]["ch_mult"] = helper.cpu_levels(size)
+        fitted["model"]["ch_mult"] = cpu_levels(size)
     return helper.merge_config(cfg, fitted)
 
 

@@ -179,20 +179,24 @@ def held_out_split(data, train):
                   data.files and [data.files[i] for i in keep])
 
 
+@functools.lru_cache(maxsize=2)
+def read_images(path):
+    """A folder of images or an .npz, whole (read once for both of its splits)."""
+    if path.endswith(".npz") and os.path.isfile(path):
+        return read_npz_images(path)
+    if os.path.isdir(path):
+        return read_folder(path)
+    raise UserError(f"--data '{path}' is neither a dataset ({', '.join(DATASETS)}), a folder of images nor "
+                    f"an .npz file")
+
+
 @functools.lru_cache(maxsize=4)
 def read_data(name, root, train):
     """The data `--data` names, at its own size(s): a torchvision dataset (its train or test
     split), or a folder of images or an .npz (all but a held-out tenth, or that tenth)."""
     if name in DATASETS:
         return read_torchvision(name, root, train)
-    if name.endswith(".npz") and os.path.isfile(name):
-        data = read_npz_images(name)
-    elif os.path.isdir(name):
-        data = read_folder(name)
-    else:
-        raise UserError(f"--data '{name}' is neither a dataset ({', '.join(DATASETS)}), a folder of images nor "
-                        f"an .npz file")
-    return held_out_split(data, train)
+    return held_out_split(read_images(name), train)
 
 
 def load_data(data_cfg, train=True):

@@ -98,7 +98,7 @@ def test_a_folder_and_an_npz_keep_a_fixed_tenth_out_of_training(datasets):
 
 
 def test_the_cpu_preset_fits_its_levels_to_the_image_size_and_unlabelled_data_trains_unconditional(datasets, capsys):
-    assert [helper.cpu_levels(size) for size in (28, 32, 64)] == [[1, 2, 2], [1, 2, 2], [1, 2, 2, 2]]
+    assert [main.cpu_levels(size) for size in (28, 32, 64)] == [[1, 2, 2], [1, 2, 2], [1, 2, 2, 2]]
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data", datasets["png"][0],
                                               "--set", "data.image_size=64"]))
     assert cfg["model"]["ch_mult"] == [1, 2, 2, 2] and cfg["data"]["image_size"] == 64

@@ -96,7 +96,7 @@ def test_one_ddim_step_to_the_two_step_target_lands_where_two_steps_landed():
     generator = torch.Generator().manual_seed(0)
     x_t, x_next = torch.randn(2, 8, 1, 4, 4, generator=generator)
     for alpha_bar_t, alpha_bar_next in [(0.1, 0.5), (0.6, 0.9), (0.3, 1.0)]:  # 1.0: the last step, to x_0
-        x_0 = helper.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
+        x_0 = distill.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
         eps = (x_t - alpha_bar_t ** 0.5 * x_0) / (1 - alpha_bar_t) ** 0.5  # what x_0 implies at x_t
         torch.testing.assert_close(helper.ddim_step(x_0, eps, alpha_bar_next), x_next, rtol=1e-5, atol=1e-5)
 
