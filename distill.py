@@ -27,9 +27,12 @@ import helper
 import main as training
 import runs
 from helper import Schedule, UserError
+from loadmodel import PRETRAINED
 from model import Model
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist-cpu.pt")
+# A progressive student samples with DDIM at its own steps, this eta and guidance weight w: the
+# best pair of the 4-step student (docs/distill.md). --set sampling.eta=... changes them.
+STUDENT_ETA, STUDENT_GUIDANCE = 0.5, 1.2
 
 
 def parse_args(argv=None):
@@ -91,8 +94,9 @@ def student_config(cfg, stage, steps, settings, minutes):
         "training": {"lr": lr, "warmup_steps": 0, "lr_decay": "cosine", "minutes": minutes, "steps": 0,
                      "extra_ema_decays": []}})
     if stage == "progressive":
-        cfg = helper.merge_config(cfg, {"sampling": {"sampler": "ddim", "steps": steps, "eta": 0.0, "clip_x0": False,
-                                                     "spacing": "trailing", "guidance_interval": []}})
+        cfg = helper.merge_config(cfg, {"sampling": {
+            "sampler": "ddim", "steps": steps, "eta": STUDENT_ETA, "guidance": STUDENT_GUIDANCE,
+            "clip_x0": False, "spacing": "trailing", "guidance_interval": []}})
     cfg = functools.reduce(helper.merge_config, settings, cfg)
     helper.validate_config(cfg)
     return cfg
@@ -197,8 +201,8 @@ def progressive_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part
 # ----------------------------------------------------------------------------------------
 
 def default_teacher():
-    if os.path.exists(SHIPPED):
-        return SHIPPED
+    if os.path.exists(PRETRAINED):
+        return PRETRAINED
     return os.path.join("out", "ckpt.pt")
 
 
@@ -229,7 +233,7 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
             print(f"{out} is finished; skipping it")
             return weights
         loss = guidance_loss if stage == "guidance" else progressive_loss
-        name = "guidance distillation" if stage == "guidance" else f"progressive distillation to {steps} steps"
+        name = "guidance distillation" if stage == "guidance" else f"progressive distillation to {steps} step" + "s" * (steps > 1)
         print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
         started = time.perf_counter()
         teacher = frozen_teacher(teacher_state, device)

@@ -9,6 +9,7 @@ import torch
 
 import distill
 import helper
+import loadmodel
 import runs
 from helper import Schedule
 from model import Model
@@ -160,7 +161,8 @@ def test_a_smoke_chain_halves_the_steps_and_its_students_load_everywhere(chain, 
     assert guided["config"]["distill"]["stage"] == "guidance" and guided["config"]["model"]["guidance_embedding"]
     s = two["config"]["sampling"]
     assert two["config"]["distill"] == {**two["config"]["distill"], "stage": "progressive", "steps": 2}
-    assert (s["sampler"], s["steps"], s["eta"]) == ("ddim", 2, 0.0) and two["step"] == 6
+    assert (s["sampler"], s["steps"], s["eta"], s["guidance"]) == ("ddim", 2, distill.STUDENT_ETA,
+                                                                   distill.STUDENT_GUIDANCE) and two["step"] == 6
     assert runs.load_checkpoint(str(chain / "steps-4" / "ema.pt"))["config"]["distill"]["steps"] == 4
     code, stdout, stderr = run_in_process("loadmodel.py", str(chain / "steps-2" / "ema.pt"), "--out", str(tmp_path))
     assert code == 0, stderr
@@ -214,3 +216,20 @@ def test_teachers_of_the_wrong_kind_are_one_line(trained, chain, tmp_path):
     code, _, stderr = run_in_process("distill.py", str(chain / "steps-2" / "ema.pt"), "--to", "2", "--out",
                                      str(tmp_path))
     assert_one_line_error(code, stderr, "the teacher samples in 2 steps: nothing to distil to 2")
+
+
+STUDENT = os.path.join(os.path.dirname(loadmodel.PRETRAINED), "mnist-cpu-4steps.pt")
+
+
+def test_the_shipped_student_is_bf16_on_disk_fp32_when_loaded_and_samples_in_its_4_steps(tmp_path):
+    folder = os.path.dirname(STUDENT)
+    assert sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)) < 8 * 2**20
+    stored = torch.load(STUDENT, map_location="cpu", weights_only=True)["ema"]
+    assert {w.dtype for w in stored.values()} == {torch.bfloat16}
+    model, cfg = loadmodel.load_ema_model(STUDENT, "cpu")
+    assert cfg["distill"]["stage"] == "progressive" and cfg["distill"]["steps"] == cfg["sampling"]["steps"] == 4
+    for name, w in model.state_dict().items():
+        assert w.dtype == torch.float32 and torch.equal(w, stored[name].float())
+    code, _, stderr = run_in_process("loadmodel.py", STUDENT, "--num-samples", "10", "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert "0/4 " in stderr and np.load(tmp_path / "samples.npz")["arr_0"].shape == (10, 28, 28, 1)
