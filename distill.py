@@ -233,7 +233,8 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
             print(f"{out} is finished; skipping it")
             return weights
         loss = guidance_loss if stage == "guidance" else progressive_loss
-        name = "guidance distillation" if stage == "guidance" else f"progressive distillation to {steps} step" + "s" * (steps > 1)
+        rounds = f"progressive distillation to {steps} step" + "s" * (steps > 1)
+        name = "guidance distillation" if stage == "guidance" else rounds
         print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
         started = time.perf_counter()
         teacher = frozen_teacher(teacher_state, device)
