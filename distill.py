@@ -15,7 +15,8 @@ Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (gu
 steps-16/, steps-8/, ...), and ends with an ordinary weights file, its ema.pt, whose config
 says what it is and how many steps it samples with; loadmodel.py, evaluate.py and edit.py load
 it like any other. The same command again resumes an interrupted stage and skips finished
-ones. --minutes is the whole budget, shared equally by the stages.
+ones. --minutes is the whole budget: the last round, whose student is kept, gets two shares, every
+other stage one (stage_minutes).
 """
 import functools
 import os
@@ -30,9 +31,16 @@ from helper import Schedule, UserError
 from loadmodel import PRETRAINED
 from model import Model
 
-# A progressive student samples with DDIM at its own steps, this eta and guidance weight w: the
-# best pair of the 4-step student (docs/distill.md). --set sampling.eta=... changes them.
-STUDENT_ETA, STUDENT_GUIDANCE = 0.5, 1.2
+
+def student_sampling(steps):
+    """How a progressive student of `steps` DDIM steps samples by default: its eta, and its guidance
+    weight w only at the noise levels sigma in an interval (Kynkaanniemi et al. 2024; w = 1
+    elsewhere): the best of the 4-step student at N = 2,000 (docs/distill.md). A student of 1 or
+    2 steps has at most one level there, so it guides at every level. --set sampling.eta=...
+    changes them."""
+    if steps >= 4:
+        return {"eta": 0.6, "guidance": 1.6, "guidance_interval": [0.5, 3.0]}
+    return {"eta": 0.5, "guidance": 1.2, "guidance_interval": []}
 
 
 def parse_args(argv=None):
@@ -42,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=os.path.join("out", "distill"),
                         help="folder of the stages (default: out/distill)")
     parser.add_argument("--minutes", type=runs.positive_float, default=60.0,
-                        help="time budget of all the stages, shared equally (default: 60)")
+                        help="time budget of all the stages; the last round gets twice a share (default: 60)")
     parser.add_argument("--start", type=runs.positive_int, default=32,
                         help="DDIM steps of the first progressive teacher (a power of two; default: 32)")
     parser.add_argument("--to", type=runs.positive_int, default=4,
@@ -95,8 +103,7 @@ def student_config(cfg, stage, steps, settings, minutes):
                      "extra_ema_decays": []}})
     if stage == "progressive":
         cfg = helper.merge_config(cfg, {"sampling": {
-            "sampler": "ddim", "steps": steps, "eta": STUDENT_ETA, "guidance": STUDENT_GUIDANCE,
-            "clip_x0": False, "spacing": "trailing", "guidance_interval": []}})
+            "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})
     cfg = functools.reduce(helper.merge_config, settings, cfg)
     helper.validate_config(cfg)
     return cfg
@@ -249,11 +256,18 @@ def main(argv=None):
     teacher = args.teacher or default_teacher()
     teacher_cfg = runs.load_checkpoint(teacher)["config"]
     stages = plan(teacher_cfg, args.start, args.to)
-    minutes = args.minutes / len(stages)
-    for stage, steps in stages:
+    for (stage, steps), minutes in zip(stages, stage_minutes(args.minutes, len(stages))):
         out = os.path.join(args.out, stage_folder(stage, steps))
         teacher = distill_stage(teacher, stage, steps, args, minutes, out)
     print(f"the {stages[-1][1]}-step student: python loadmodel.py {teacher}")
+
+
+def stage_minutes(minutes, count):
+    """Each stage's share of the budget: two for the last round, one for every other stage. The
+    last round's map is the hardest (its loss is the highest and still falling when its time
+    is up) and its student is the one kept (docs/distill.md)."""
+    share = minutes / (count + 1)
+    return [share] * (count - 1) + [2 * share]
 
 
 def stage_folder(stage, steps):

@@ -161,9 +161,12 @@ def test_a_smoke_chain_halves_the_steps_and_its_students_load_everywhere(chain, 
     assert guided["config"]["distill"]["stage"] == "guidance" and guided["config"]["model"]["guidance_embedding"]
     s = two["config"]["sampling"]
     assert two["config"]["distill"] == {**two["config"]["distill"], "stage": "progressive", "steps": 2}
-    assert (s["sampler"], s["steps"], s["eta"], s["guidance"]) == ("ddim", 2, distill.STUDENT_ETA,
-                                                                   distill.STUDENT_GUIDANCE) and two["step"] == 6
-    assert runs.load_checkpoint(str(chain / "steps-4" / "ema.pt"))["config"]["distill"]["steps"] == 4
+    assert (s["sampler"], s["steps"], s["eta"], s["guidance"], s["guidance_interval"]) == ("ddim", 2, 0.5, 1.2, [])
+    assert two["step"] == 6
+    four = runs.load_checkpoint(str(chain / "steps-4" / "ema.pt"))["config"]
+    assert four["distill"]["steps"] == 4
+    assert {key: four["sampling"][key] for key in ("eta", "guidance", "guidance_interval")} == {
+        "eta": 0.6, "guidance": 1.6, "guidance_interval": [0.5, 3.0]}  # guided at its middle levels only
     code, stdout, stderr = run_in_process("loadmodel.py", str(chain / "steps-2" / "ema.pt"), "--out", str(tmp_path))
     assert code == 0, stderr
     assert "ddim" in stderr and "2/2" in stderr  # its own two steps
@@ -198,6 +201,12 @@ def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root
     assert "guidance is finished; skipping it" in stdout
     for stage in ("guidance", "steps-4"):  # the same as in the uninterrupted chain, bit for bit
         assert_same_run(tmp_path / stage / "ckpt.pt", chain / stage / "ckpt.pt")
+
+
+def test_the_last_round_gets_two_shares_of_the_budget_and_every_other_stage_one():
+    assert distill.stage_minutes(60, 4) == [12, 12, 12, 24]  # guidance, 32 -> 16 -> 8 -> 4
+    assert distill.stage_minutes(30, 2) == [10, 20]  # 4 -> 2 -> 1
+    assert distill.stage_minutes(5, 1) == [5]
 
 
 @pytest.mark.parametrize("args, fragment", [
