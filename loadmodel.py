@@ -129,25 +129,24 @@ def load_ema_model(path, device, decay=None):
 
 
 def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
-    """One row per sample, columns evenly spaced from x_T (left) to x_0 (right).
-    trajectory: (N, S+1, C, H, W) in model range; row_labels: a caption per row, or None."""
+    """One row per sample, columns evenly spaced from x_T (left) to x_0 (right), drawn as one
+    image. trajectory: (N, S+1, C, H, W) in model range; row_labels: a caption per row, or None."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    N, S = trajectory.shape[:2]
+    N, S, _, H, W = trajectory.shape
     columns = np.unique(np.linspace(0, S - 1, min(S, max_columns)).round().astype(int))
-    images = runs.to_uint8(trajectory[:, columns]).numpy()  # (N, K, H, W, C)
-    fig, axes = plt.subplots(N, len(columns), figsize=(0.8 * len(columns), 0.8 * N + 0.3), squeeze=False)
-    for row in range(N):
-        for k, column in enumerate(columns):
-            ax = axes[row, k]
-            ax.imshow(runs.shown(images[row, k]), cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"{S - 1 - column}/{S - 1}" if column < S - 1 else "x_0", fontsize=7)
-        if row_labels is not None:
-            axes[row, 0].set_ylabel(row_labels[row], fontsize=7)
+    images = runs.to_uint8(trajectory[:, columns].flatten(0, 1)).numpy()  # (N K, H, W, C), row by row
+    pad = 2
+    fig, ax = plt.subplots(figsize=(0.8 * len(columns), 0.8 * N + 0.3))
+    ax.imshow(runs.shown(runs.tile(images, len(columns), pad)), cmap="gray", vmin=0, vmax=255)
+    centre = lambda k, size: pad + k * (size + pad) + size / 2 - 0.5  # pixel coordinate of cell k's middle
+    ax.set_xticks([centre(k, W) for k in range(len(columns))],
+                  [f"{S - 1 - column}/{S - 1}" if column < S - 1 else "x_0" for column in columns], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([centre(row, H) for row in range(N)] if row_labels else [], row_labels or [], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_frame_on(False)
     fig.suptitle("denoising trajectories: sampler steps left until x_0", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -158,15 +157,12 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
     """The trajectories as an animated GIF: each frame a grid of the samples at one sampler step,
     from x_T to x_0 (at most `frames` steps, evenly spaced), the last held for two seconds.
     trajectory: (N, S+1, C, H, W) in model range."""
-    import torchvision
     from PIL import Image
     S = trajectory.shape[1]
     steps = np.unique(np.linspace(0, S - 1, min(S, frames)).round().astype(int))
     images = []
     for step in steps:
-        grid = torchvision.utils.make_grid((trajectory[:, step].float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1)
-        grid = grid[0] if trajectory.shape[2] == 1 else grid.permute(1, 2, 0)  # (H', W') grey, (H', W', 3) RGB
-        pixels = (grid * 255).round().to(torch.uint8).numpy()
+        pixels = runs.shown(runs.tile(runs.to_uint8(trajectory[:, step]).numpy(), nrow, padding=1))
         images.append(Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST))
     durations = [80] * (len(images) - 1) + [2000]
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)

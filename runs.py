@@ -9,6 +9,7 @@ import ctypes
 import functools
 import glob
 import json
+import math
 import os
 import signal
 import sys
@@ -232,11 +233,23 @@ def shown(image):
     return image[..., 0] if image.shape[-1] == 1 else image
 
 
+def tile(images, nrow, padding=2):
+    """uint8 images (N, H, W, C) as one uint8 picture (H', W', C): nrow per row, `padding`
+    white pixels between and around them."""
+    N, H, W, C = images.shape
+    rows, cols = math.ceil(N / nrow), min(nrow, N)
+    cells = np.full((rows * cols, H + padding, W + padding, C), 255, dtype=np.uint8)
+    cells[:N, padding:, padding:] = images  # each image after its top and left border
+    picture = cells.reshape(rows, cols, H + padding, W + padding, C).swapaxes(1, 2)
+    picture = picture.reshape(rows * (H + padding), cols * (W + padding), C)
+    return np.pad(picture, ((0, padding), (0, padding), (0, 0)), constant_values=255)  # the bottom and right border
+
+
 def save_grid(images, path, nrow):
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid."""
-    import torchvision
+    from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+    Image.fromarray(shown(tile(to_uint8(images).numpy(), nrow))).save(path)
 
 
 # ----------------------------------------------------------------------------------------

@@ -130,3 +130,14 @@ def test_bad_data_is_one_line(datasets, tmp_path, mnist_root):
     code, _, stderr = run_in_process("edit.py", "inpaint", str(tmp_path / "rgb" / "ckpt.pt"), "--data", "mnist",
                                      "--data-root", mnist_root, "--out", str(tmp_path))
     assert_one_line_error(code, stderr, "the checkpoint draws 3-channel images; 'mnist' has 1 channel(s)")
+
+
+@pytest.mark.parametrize("n, channels", [(7, 1), (6, 3), (2, 1)])
+def test_the_sample_grid_is_torchvisions_layout_white_between_and_around(n, channels, tmp_path):
+    import torchvision
+    images = torch.rand(n, channels, 5, 4) * 2 - 1
+    expected = torchvision.utils.make_grid((images + 1) / 2, nrow=3, padding=2, pad_value=1.0)  # (3, H', W')
+    expected = (expected * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()[..., :channels]
+    runs.save_grid(images, tmp_path / "grid.png", nrow=3)
+    saved = np.array(Image.open(tmp_path / "grid.png"))
+    assert np.abs(saved.reshape(expected.shape).astype(int) - expected).max() <= 1  # rounding of x.5 apart
