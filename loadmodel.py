@@ -168,11 +168,6 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def save_digit_grid(digits, path, nrow):
-    """uint8 images (N, S, S, C) as one PNG grid of nrow per row."""
-    runs.save_grid(torch.from_numpy(digits).movedim(-1, 1).float() / 127.5 - 1, path, nrow)
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = runs.resolve_device(args.device)
@@ -205,10 +200,10 @@ def main(argv=None):
     if per_row:  # one row per class: the first of each, at most GRID_MAX in all
         width = max(1, min(per_row, GRID_MAX // classes))
         grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(classes)])
-        save_digit_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
+        runs.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
     else:
         grid = digits[:GRID_MAX]
-        save_digit_grid(grid, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(len(grid))))
+        runs.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(len(grid))))
     arrays = {"arr_0": digits} if labels is None else {"arr_0": digits, "labels": labels.numpy()}
     np.savez(os.path.join(out, "samples.npz"), **arrays)
     capped = f" (the grid shows {len(grid)} of them)" if len(grid) < n else ""

@@ -289,7 +289,7 @@ def save_preview(ema, cfg, device, path, num_samples=20):
     num_classes = cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     samples = runs.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
-    runs.save_grid(samples, path, nrow=10)
+    runs.save_grid(runs.to_digits(samples), path, nrow=10)
 
 
 def save_loss_curve(losses, lrs, path):
@@ -477,7 +477,8 @@ def finish(ema, losses, lrs, cfg, out, start):
     labels = torch.arange(num_samples) % num_classes if num_classes else None  # a conditional grid: digit per column
     samples = runs.sample(ema, cfg, num_samples, seed=0, device=runs.resolve_device(cfg["training"]["device"]),
                             labels=labels)
-    runs.save_grid(samples, os.path.join(out, "samples.png"), nrow=num_classes or int(math.sqrt(num_samples)))
+    runs.save_grid(runs.to_digits(samples), os.path.join(out, "samples.png"),
+                   nrow=num_classes or int(math.sqrt(num_samples)))
     print(f"wrote {', '.join(os.path.join(out, name) for name in ('ema.pt', 'samples.png', 'loss.png'))}")
 
 

@@ -245,11 +245,11 @@ def tile(images, nrow, padding=2):
     return np.pad(picture, ((0, padding), (0, padding), (0, 0)), constant_values=255)  # the bottom and right border
 
 
-def save_grid(images, path, nrow):
-    """Save images (N, C, H, W) in [-1, 1] as one PNG grid."""
+def save_grid(digits, path, nrow):
+    """Save uint8 images (N, H, W, C) (to_digits of samples) as one PNG grid of nrow per row."""
     from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(shown(tile(to_uint8(images).numpy(), nrow))).save(path)
+    Image.fromarray(shown(tile(digits, nrow))).save(path)
 
 
 # ----------------------------------------------------------------------------------------

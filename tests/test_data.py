@@ -138,6 +138,6 @@ def test_the_sample_grid_is_torchvisions_layout_white_between_and_around(n, chan
     images = torch.rand(n, channels, 5, 4) * 2 - 1
     expected = torchvision.utils.make_grid((images + 1) / 2, nrow=3, padding=2, pad_value=1.0)  # (3, H', W')
     expected = (expected * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()[..., :channels]
-    runs.save_grid(images, tmp_path / "grid.png", nrow=3)
+    runs.save_grid(runs.to_digits(images), tmp_path / "grid.png", nrow=3)
     saved = np.array(Image.open(tmp_path / "grid.png"))
     assert np.abs(saved.reshape(expected.shape).astype(int) - expected).max() <= 1  # rounding of x.5 apart
