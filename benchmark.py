@@ -10,7 +10,6 @@ frozen); "inductor layouts" lets inductor turn the convolutions channels_last, a
 default. --profile also prints, per variant, where one training step spends its time
 (torch.profiler).
 """
-import copy
 import json
 import multiprocessing
 import resource
@@ -24,14 +23,12 @@ import helper
 import runs
 from helper import UserError
 
-# name -> (bf16 autocast, channels_last, torch.compile, inductor's own layouts)
+# name -> (bf16 autocast, torch.compile, inductor's own layouts)
 VARIANTS = {
-    "eager fp32": (False, False, False, False),
-    "bf16 autocast": (True, False, False, False),
-    "bf16 + channels_last": (True, True, False, False),
-    "bf16 + compile (inductor layouts)": (True, False, True, True),
-    "bf16 + compile": (True, False, True, False),
-    "bf16 + channels_last + compile": (True, True, True, False),
+    "eager fp32": (False, False, False),
+    "bf16 autocast": (True, False, False),
+    "bf16 + compile (inductor layouts)": (True, True, True),
+    "bf16 + compile": (True, True, False),
 }
 
 
@@ -117,26 +114,23 @@ def profile_step(step, device, top=15):
 
 def run_variant(preset, device, name, sample_batch, with_profile=False):
     """Train-step and sampling throughput of one variant; runs in its own process."""
-    import main
-    from model import Model
-    bf16, channels_last, compile_model, layouts = VARIANTS[name]
+    import training
+    bf16, compile_model, layouts = VARIANTS[name]
     cfg = helper.merge_config(helper.get_config(preset), {"training": {
-        "bf16": "on" if bf16 else "off", "channels_last": channels_last, "compile": compile_model}})
+        "bf16": "on" if bf16 else "off", "compile": compile_model, "device": device}})
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
-    torch.manual_seed(0)
-    model = main.prepare_model(Model.from_config(cfg).to(device), cfg)
-    network = runs.compile_network(model, layouts=layouts) if compile_model else model
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = main.make_optimizer(model, tr)
-    generator = torch.Generator(device).manual_seed(0)
+    run = training.new_training(cfg, device, training.Processes(device), training.algorithm_1(cfg))
+    run.network = runs.compile_network(run.model, layouts=layouts) if compile_model else run.model
+    run.step = 100  # past the EMA's warm-up
     x_0, _, *y = network_inputs(cfg, tr["batch_size"], device, 0)
     x_0 = x_0.clamp(-1, 1)
 
-    def train_step():  # the whole step of main.py: loss, backward, clipping, AdamW, EMA
-        main.train_step(network, model, ema, optimizer, x_0, sched, cfg, generator, bf16, 100, *y)
+    def train_step():  # the whole step of main.py: draws, loss, backward, clipping, AdamW, EMA
+        training.train_step(run, x_0, *y)
 
     inputs = network_inputs(cfg, sample_batch, device, sched.T // 2)
-    sampler_network = runs.compile_network(ema.eval(), frozen=True, layouts=layouts) if compile_model else ema.eval()
+    ema = run.ema.eval()
+    sampler_network = runs.compile_network(ema, frozen=True, layouts=layouts) if compile_model else ema
 
     @torch.no_grad()
     def sample_step():  # one network evaluation of runs.sample, compiled as sampling.compile does

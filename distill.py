@@ -10,7 +10,7 @@
    from its teacher, learns in one DDIM step the two DDIM steps its teacher takes, so the steps
    halve: --start N (the first teacher's DDIM steps) -> N/2 -> ... -> --to.
 
-Each stage trains with main.py's own loop (main.train: time budget, atomic checkpoints,
+Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
 steps-16/, steps-8/, ...), and ends with an ordinary weights file, its ema.pt, whose config
 says what it is and how many steps it samples with; loadmodel.py, evaluate.py and edit.py load
@@ -25,17 +25,16 @@ import time
 import torch
 
 import helper
-import main as training
 import runs
+import training
 from helper import Schedule, UserError
-from loadmodel import PRETRAINED
 from model import Model
 
 
 def student_sampling(steps):
     """How a progressive student of `steps` DDIM steps samples by default: its eta, and its guidance
     weight w only at the noise levels sigma in an interval (Kynkaanniemi et al. 2024; w = 1
-    elsewhere): the best of the 4-step student at N = 2,000 (docs/distill.md). A student of 1 or
+    elsewhere), as measured best for the 4-step student (docs/distill.md). A student of 1 or
     2 steps has at most one level there, so it guides at every level. --set sampling.eta=...
     changes them."""
     if steps >= 4:
@@ -110,33 +109,20 @@ def student_config(cfg, stage, steps, settings, minutes):
 
 
 # ----------------------------------------------------------------------------------------
-# The two losses, each with main.diffusion_loss's arguments (main.train calls them).
+# The two losses, each of (network, x_0, draws) as training.train_step calls them (draws:
+# training.draw's t, eps, labels dropped to null as in training, and w ~ U(distill.guidance_range)).
 
-def draw_w(cfg, B, rows, generator, device):
-    """Guidance weights w ~ U(distill.guidance_range), (B,) of the global batch, this part's rows."""
-    low, high = cfg["distill"]["guidance_range"]
-    return (low + (high - low) * torch.rand(B, generator=generator, device=device))[rows]
-
-
-def guidance_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part=(0, 1)):
+def guidance_loss(teacher, sched, null, network, x_0, draws):
     """Meng et al. 2023 stage 1: at x_t of a training digit (t uniform, as main.py trains), the
     student's output at (x_t, t, y, w) regresses the teacher's guided output
-    uncond + w (cond - uncond) (helper.guided_output), for w ~ U(distill.guidance_range) and
-    labels dropped to null as in training (whose target is then the unconditional output)."""
-    prediction, null = cfg["diffusion"]["prediction"], cfg["model"]["num_classes"]
-    rows, B = training.rows_of(part, x_0.shape[0])
-    t = torch.randint(0, sched.T, (B,), generator=generator, device=x_0.device)[rows]
-    eps = torch.randn((B, *x_0.shape[1:]), generator=generator, device=x_0.device)[rows]
-    w = draw_w(cfg, B, rows, generator, x_0.device)
-    y = training.drop_labels(y, cfg["training"]["p_uncond"], null, generator, part)
-    x_in = helper.network_input(helper.q_sample(x_0, t, eps, sched), t, sched, prediction)
-    with torch.no_grad(), runs.autocast(x_0.device.type, bf16):
-        both = teacher(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-    conditional, unconditional = both.float().chunk(2)
-    target = helper.guided_output(conditional, unconditional, w.view(-1, 1, 1, 1))
-    with runs.autocast(x_0.device.type, bf16):
-        output = network(x_in, t, y, w)
-    return (output.float() - target).pow(2).mean()
+    uncond + w (cond - uncond) (helper.guided_output); for a label dropped to null the target is
+    the unconditional output."""
+    x_t = helper.q_sample(x_0, draws.t, draws.eps, sched)
+    with torch.no_grad():
+        conditional, unconditional = helper.conditional_and_unconditional(
+            teacher, x_t, draws.t, draws.labels, torch.full_like(draws.labels, null))
+    target = helper.guided_output(conditional, unconditional, draws.w.view(-1, 1, 1, 1))
+    return (network(x_t, draws.t, draws.labels, draws.w).float() - target).pow(2).mean()
 
 
 def student_level_in_teacher(k):
@@ -182,34 +168,34 @@ def progressive_target(teacher, x_t, k, student_sched, teacher_sched, prediction
     return helper.training_target(x_0, eps, k, student_sched, prediction)
 
 
-def progressive_loss(teacher, network, x_0, sched, cfg, generator, bf16, y, part=(0, 1)):
+def progressive_loss(teacher, student_sched, teacher_sched, prediction, clip_x0, network, x_0, draws):
     """Salimans & Ho 2022 Algorithm 2: at x_t of a training digit, on one of the student's N levels
-    (uniform), the student's output regresses progressive_target. In v-prediction this squared
-    error is their "SNR + 1" weighting. Labels and w are drawn as in guidance_loss."""
-    prediction, steps = cfg["diffusion"]["prediction"], cfg["distill"]["steps"]
-    student_sched, teacher_sched = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), steps)
-    rows, B = training.rows_of(part, x_0.shape[0])
-    k = torch.randint(0, steps, (B,), generator=generator, device=x_0.device)[rows]
-    eps = torch.randn((B, *x_0.shape[1:]), generator=generator, device=x_0.device)[rows]
-    inputs = ()
-    if y is not None:
-        y = training.drop_labels(y, cfg["training"]["p_uncond"], cfg["model"]["num_classes"], generator, part)
-        inputs = (y, draw_w(cfg, B, rows, generator, x_0.device)) if cfg["model"]["guidance_embedding"] else (y,)
-    x_t = helper.q_sample(x_0, k, eps, student_sched)
-    with torch.no_grad(), runs.autocast(x_0.device.type, bf16):
+    k = draws.t (uniform), the student's output regresses progressive_target. In v-prediction this
+    squared error is their "SNR + 1" weighting."""
+    k, inputs = draws.t, tuple(x for x in (draws.labels, draws.w) if x is not None)
+    x_t = helper.q_sample(x_0, k, draws.eps, student_sched)
+    with torch.no_grad():
         target = progressive_target(lambda x, t: teacher(x, t, *inputs), x_t, k, student_sched, teacher_sched,
-                                    prediction, cfg["sampling"]["clip_x0"])
-    with runs.autocast(x_0.device.type, bf16):
-        output = network(helper.network_input(x_t, k, student_sched, prediction),
-                         student_sched.timesteps.to(x_0.device)[k], *inputs)
+                                    prediction, clip_x0)
+    output = network(x_t, student_sched.timesteps.to(x_0.device)[k], *inputs)
     return (output.float() - target.float()).pow(2).mean()
+
+
+def stage_loss(cfg, teacher):
+    """The loss of the stage cfg describes, as training.train calls it."""
+    if cfg["distill"]["stage"] == "guidance":
+        return functools.partial(guidance_loss, teacher, Schedule.from_config(cfg["diffusion"]),
+                                 cfg["model"]["num_classes"])
+    schedules = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), cfg["distill"]["steps"])
+    return functools.partial(progressive_loss, teacher, *schedules, cfg["diffusion"]["prediction"],
+                             cfg["sampling"]["clip_x0"])
 
 
 # ----------------------------------------------------------------------------------------
 
 def default_teacher():
-    if os.path.exists(PRETRAINED):
-        return PRETRAINED
+    if os.path.exists(runs.PRETRAINED):
+        return runs.PRETRAINED
     return os.path.join("out", "ckpt.pt")
 
 
@@ -235,17 +221,16 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
     weights = os.path.join(out, "ema.pt")
     with runs.RunLock(out):
         try:
-            cfg, state = runs.guard_run_folder(cfg, None, out, args.overwrite)
-        except runs.RunComplete:
+            cfg, state = training.guard_run_folder(cfg, None, out, args.overwrite)
+        except training.RunComplete:
             print(f"{out} is finished; skipping it")
             return weights
-        loss = guidance_loss if stage == "guidance" else progressive_loss
         rounds = f"progressive distillation to {steps} step" + "s" * (steps > 1)
         name = "guidance distillation" if stage == "guidance" else rounds
         print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
         started = time.perf_counter()
         teacher = frozen_teacher(teacher_state, device)
-        ema, losses, lrs = training.train(cfg, out, state, loss_of=functools.partial(loss, teacher),
+        ema, losses, lrs = training.train(cfg, out, state, loss_of=stage_loss(cfg, teacher),
                                           start_from=teacher_state["ema"])
         training.finish(ema, losses, lrs, cfg, out, started)
     return weights

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import helper
 import runs
 from helper import UserError
-from loadmodel import (default_checkpoint, digit_choice, load_ema_model, output_folder, requested_labels,
-                       with_sampling_flags)
 
 MASKS = ["top", "bottom", "left", "right", "centre"]
 
@@ -71,37 +70,12 @@ def slerp(z_0, z_1, a):
     return (torch.sin((1 - a) * theta) * z_0 + torch.sin(a * theta) * z_1) / torch.sin(theta)
 
 
-def save_rows(rows, path, row_labels=None, column_labels=None, title=None):
-    """A figure of image rows: rows (R, K, H, W, C) uint8."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    R, K = rows.shape[:2]
-    fig, axes = plt.subplots(R, K, figsize=(0.8 * K + 0.4, 0.8 * R + 0.5), squeeze=False)
-    for r in range(R):
-        for k in range(K):
-            ax = axes[r, k]
-            ax.imshow(runs.shown(rows[r, k]), cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0 and column_labels is not None:
-                ax.set_title(column_labels[k], fontsize=7)
-        if row_labels is not None:
-            axes[r, 0].set_ylabel(row_labels[r], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def source_images(args, cfg):
     """The held-out images to inpaint, uint8 (N, C, S, S) at the checkpoint's size, and their
     labels (N,) (None when unlabelled): of the checkpoint's data, or of --data."""
-    data_cfg = {**cfg["data"], "name": args.data or cfg["data"]["name"], "root": args.data_root or cfg["data"]["root"]}
-    if args.data and args.data not in runs.DATASETS:
-        data_cfg["name"] = os.path.abspath(args.data)
-    images, labels, _ = runs.load_data(data_cfg, train=False)
+    data_cfg = {**cfg["data"], "name": data.data_name(args.data) if args.data else cfg["data"]["name"],
+                "root": args.data_root or cfg["data"]["root"]}
+    images, labels, _ = data.load_data(data_cfg, train=False)
     if images.shape[1] != cfg["data"]["channels"]:
         raise UserError(f"the checkpoint draws {cfg['data']['channels']}-channel images; '{data_cfg['name']}' has "
                         f"{images.shape[1]} channel(s)")
@@ -113,14 +87,14 @@ def inpaint(args, model, cfg, device, out):
     if not 0 <= args.index or args.index + args.count > len(images):
         raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} held-out images")
     size, K = cfg["data"]["image_size"], args.num_samples
-    originals = runs.to_model_range(images[args.index:args.index + args.count])  # (count, C, S, S)
+    originals = data.to_model_range(images[args.index:args.index + args.count])  # (count, C, S, S)
     known = region_mask(args.mask, size).to(device)
     x_known = originals.repeat_interleave(K, 0).to(device)  # each original K times: (count K, C, S, S)
-    wanted = requested_labels(args.digit, len(x_known), cfg)  # None: the null label of a conditional model
+    wanted = runs.requested_labels(args.digit, len(x_known), cfg)  # None: the null label of a conditional model
     requested = wanted  # else the originals' own labels, where the data has them
     if wanted is None and labels is not None:
         requested = labels[args.index:args.index + args.count].repeat_interleave(K)
-    sched = helper.sampling_schedule(cfg)
+    sched = runs.sampling_schedule(cfg)
     print(f"inpainting the {args.mask} of {args.count} test digit(s) from index {args.index}, {K} completion(s) "
           f"each: DDPM, {sched.T} steps x {args.resample} (resampling)")
 
@@ -133,12 +107,12 @@ def inpaint(args, model, cfg, device, out):
     np.savez(os.path.join(out, "inpainted.npz"), **arrays)
 
     shown = min(args.count, 8)
-    first_digits = runs.to_digits(originals[:shown])  # (shown, S, S, C)
-    masked = runs.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
+    first_digits = data.to_digits(originals[:shown])  # (shown, S, S, C)
+    masked = data.to_digits(torch.where(known.cpu().bool(), originals[:shown], torch.zeros(())))  # grey hole
     completions = digits[:shown * K].reshape(shown, K, *digits.shape[1:])
     rows = np.concatenate([first_digits[:, None], masked[:, None], completions], axis=1)
     ask = "" if args.digit is None else f", asked for a {args.digit}"
-    save_rows(rows, os.path.join(out, "inpaint.png"), [f"#{args.index + r}" for r in range(shown)],
+    data.save_rows(rows, os.path.join(out, "inpaint.png"), [f"#{args.index + r}" for r in range(shown)],
               ["original", "input"] + [f"fill {c + 1}" for c in range(K)],
               f"inpainting the {args.mask} (RePaint, r = {args.resample}{ask})")
     said = "none" if requested is None else "requested" if args.digit is not None else "the originals'"
@@ -152,12 +126,12 @@ def interpolate(args, model, cfg, device, out):
     z_0, z_1 = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in args.seeds)
     fractions = torch.linspace(0, 1, F)
     x_T = torch.cat([slerp(z_0, z_1, a) for a in fractions.tolist()])  # (F P, C, S, S), frame-major
-    labels = requested_labels(args.digit, len(x_T), cfg)
+    labels = runs.requested_labels(args.digit, len(x_T), cfg)
     samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
-    images = runs.to_digits(samples)  # (F P, S, S, C)
+    images = data.to_digits(samples)  # (F P, S, S, C)
     strips = images.reshape(F, args.pairs, *images.shape[1:]).swapaxes(0, 1)  # (P, F, S, S, C)
     what = "" if args.digit is None else f", digit {args.digit}"
-    save_rows(strips, os.path.join(out, "interpolation.png"), None, [f"{a:.2f}" for a in fractions.tolist()],
+    data.save_rows(strips, os.path.join(out, "interpolation.png"), None, [f"{a:.2f}" for a in fractions.tolist()],
               f"slerp between the noises of seeds {args.seeds[0]} and {args.seeds[1]} "
               f"({cfg['sampling']['sampler']}, eta = 0{what})")
     written = ["interpolation.png"]
@@ -166,9 +140,9 @@ def interpolate(args, model, cfg, device, out):
         x_T = z_0.repeat_interleave(classes, 0)  # (P classes, C, S, S)
         samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device,
                               labels=torch.arange(classes).repeat(args.pairs), x_T=x_T.to(device))
-        images = runs.to_digits(samples)
+        images = data.to_digits(samples)
         rows = images.reshape(args.pairs, classes, *images.shape[1:])
-        save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(classes)],
+        data.save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(classes)],
                   f"one noise per row (seed {args.seeds[0]}), each label, guidance w = {cfg['sampling']['guidance']}")
         written.append("labels.png")
     print(f"wrote {' and '.join(written)} to {out}")
@@ -180,7 +154,7 @@ def parse_args(argv=None):
     common = runs.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", nargs="?",
                         help="checkpoint written by main.py (default: out/ckpt.pt, else the shipped weights)")
-    common.add_argument("--digit", type=digit_choice, help="conditional checkpoints: the digit to ask for")
+    common.add_argument("--digit", type=runs.digit_choice, help="conditional checkpoints: the digit to ask for")
     common.add_argument("--guidance", type=float, help="classifier-free guidance w (default: the checkpoint's)")
     common.add_argument("--steps", type=runs.positive_int, help="network evaluations (default: the checkpoint's)")
     common.add_argument("--compile", action="store_true", help="sample with the compiled network")
@@ -192,8 +166,8 @@ def parse_args(argv=None):
     fill.add_argument("--count", type=runs.positive_int, default=1, help="test digits from --index on")
     fill.add_argument("--mask", choices=MASKS, default="top", help="the region to fill")
     fill.add_argument("--resample", type=runs.positive_int, default=2,
-                      help="RePaint's r: times each step is redone after jumping back (1: none; 2 lowers FID "
-                           "by a third for twice the time, docs/control.md)")
+                      help="RePaint's r: times each step is redone after jumping back (1: none; what 2 buys for "
+                           "twice the time: docs/control.md)")
     fill.add_argument("--num-samples", type=runs.positive_int, default=6, help="completions per digit")
     fill.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH)
     fill.add_argument("--seed", type=int, default=0)
@@ -212,13 +186,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = runs.resolve_device(args.device)
-    checkpoint = default_checkpoint(args.checkpoint)
-    model, cfg = load_ema_model(checkpoint, device)
+    checkpoint = runs.default_checkpoint(args.checkpoint)
+    model, cfg = runs.load_ema_model(checkpoint, device)
     if args.digit == "all":
         raise UserError("--digit all is for loadmodel.py; edit.py asks for one digit")
     sampler = "ddpm" if args.command == "inpaint" else args.sampler
-    cfg = with_sampling_flags(cfg, args.guidance, sampler=sampler, steps=args.steps, compile=args.compile or None)
-    out = output_folder(args.out, checkpoint)
+    cfg = runs.with_sampling_flags(cfg, args.guidance, sampler=sampler, steps=args.steps, compile=args.compile or None)
+    out = runs.output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     (inpaint if args.command == "inpaint" else interpolate)(args, model, cfg, device, out)
 

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import data
 import helper
 import runs
 from helper import UserError
-from loadmodel import ETA_HELP, INTERVAL_HELP, load_ema_model, output_folder, with_sampling_flags
 
 # (sampler, network evaluations); 0: the full chain of T steps
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
@@ -67,7 +67,7 @@ def train_classifier(images, labels, classes=10, epochs=3, batch_size=128, seed=
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images) - batch_size + 1, batch_size):
             batch = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(classifier(runs.to_model_range(images[batch])), labels[batch])
+            loss = nn.functional.cross_entropy(classifier(data.to_model_range(images[batch])), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -83,7 +83,7 @@ def classify(classifier, digits, batch_size=1000):
     """uint8 images (N, S, S, C) -> penultimate features (N, 128) float64 and softmax (N, classes)."""
     features, probs = [], []
     for start in range(0, len(digits), batch_size):
-        x = runs.to_model_range(torch.as_tensor(digits[start:start + batch_size]).movedim(-1, 1))
+        x = data.to_model_range(torch.as_tensor(digits[start:start + batch_size]).movedim(-1, 1))
         h = classifier.features(x)
         features.append(h.double())
         probs.append(classifier.head(h).softmax(-1))
@@ -93,7 +93,7 @@ def classify(classifier, digits, batch_size=1000):
 def data_images(data_cfg, train):
     """The images of cfg["data"] as uint8 (N, S, S, C) (the .npz layout) and their labels (N,),
     None when unlabelled."""
-    images, labels, _ = runs.load_data(data_cfg, train)
+    images, labels, _ = data.load_data(data_cfg, train)
     return images.movedim(1, -1).numpy(), labels
 
 
@@ -108,7 +108,7 @@ def rotations(images):
 def classifier_path(data_cfg):
     """Where the feature classifier of this data is cached: out/mnist_classifier.pt for MNIST."""
     name = data_cfg["name"]
-    if name not in runs.DATASETS:
+    if name not in data.DATASETS:
         digest = hashlib.sha1(os.path.abspath(name).encode()).hexdigest()[:8]
         name = f"{os.path.basename(os.path.normpath(name)).removesuffix('.npz')}-{digest}"
     size = "" if data_cfg["image_size"] == 28 else f"-{data_cfg['image_size']}px"
@@ -119,8 +119,8 @@ def load_or_train_classifier(path, data_cfg):
     """The cached classifier at `path`, trained on the data's training split (and its held-out
     accuracy) if absent; of the rotation task for unlabelled data. Returns it, the accuracy and
     whether it classifies the data's own classes."""
-    data = runs.read_data(data_cfg["name"], data_cfg["root"], True)
-    labelled, classes = data.labels is not None, len(data.classes) if data.labels is not None else 4
+    split = data.read_data(data_cfg["name"], data_cfg["root"], True)
+    labelled, classes = split.labels is not None, len(split.classes) if split.labels is not None else 4
     if os.path.isfile(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
         classifier = Classifier(data_cfg["channels"], classes)
@@ -177,7 +177,7 @@ def digit_mix(how, train_labels, n, classes=10):
     """The class each of n samples of a conditional model asks for, (n,) int64 in class order:
     each class in its share p(y) of the training labels ("train"), so that the samples are draws
     of p(x) = sum_y p(y) p(x | y) as the held-out images are, or an equal share of each
-    ("uniform", which costs real MNIST digits about 0.7 FID at n = 10,000). Largest remainders
+    ("uniform", which raises the FID of real MNIST digits, docs/quality.md). Largest remainders
     round up."""
     weights = torch.ones(classes, dtype=torch.long) if how == "uniform" else \
         torch.bincount(torch.as_tensor(train_labels), minlength=classes)
@@ -210,13 +210,13 @@ def read_npz(path, name, root):
     of the data `name` they are scored against: at their size, with their channel count."""
     if not os.path.isfile(path):
         raise UserError(f"'{path}' does not exist")
-    images = runs.read_npz_images(path)
+    images = data.read_npz_images(path)
     channels, size = images.images.shape[1:3]
-    data_channels = runs.read_data(name, root, True).images[0].shape[0]
+    data_channels = data.read_data(name, root, True).images[0].shape[0]
     if channels != data_channels or size != images.images.shape[3]:
         raise UserError(f"'{path}' holds {channels}-channel {size}x{images.images.shape[3]} images; '{name}' has "
                         f"{data_channels} channel(s) (--data names the data they are scored against)")
-    classes = len(runs.read_data(name, root, True).classes)
+    classes = len(data.read_data(name, root, True).classes)
     if images.labels is not None and images.labels.max() >= classes:
         raise UserError(f"'{path}' labels must be classes 0-{classes - 1} of '{name}', got {int(images.labels.max())}")
     data_cfg = {"name": name, "root": root, "image_size": size, "channels": channels}
@@ -225,7 +225,7 @@ def read_npz(path, name, root):
 
 def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None):
     """Sample num_samples digits with the given sampler (guided towards `labels` (N,) for a
-    conditional model); returns uint8 (N, 28, 28, 1) and seconds."""
+    conditional model); returns uint8 (N, S, S, C) and seconds."""
     cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
     start = time.perf_counter()
     digits, _ = runs.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}")
@@ -263,9 +263,7 @@ def markdown_table(rows):
 
 
 def plot_fid_vs_nfe(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler in dict.fromkeys(row["sampler"] for row in rows if "sampler" in row):
         points = [row for row in rows if row.get("sampler") == sampler]
@@ -296,9 +294,7 @@ def guidance_list(text):
 
 def plot_guidance(rows, path):
     """FID and requested-digit accuracy against the guidance weight w."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = data.pyplot()
     points = [row for row in rows if "guidance" in row]
     w = [row["guidance"] for row in points]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -322,10 +318,10 @@ def parse_args(argv=None):
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=runs.positive_int, help="sampler steps (default: the checkpoint's)")
-    parser.add_argument("--eta", type=float, help=ETA_HELP)
+    parser.add_argument("--eta", type=float, help=runs.ETA_HELP)
     parser.add_argument("--spacing", choices=helper.SPACINGS,
                         help="which levels a sampler of fewer than T steps keeps (default: the checkpoint's)")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
     parser.add_argument("--ema", type=float, metavar="DECAY",
                         help="score the EMA of this decay, one of training.extra_ema_decays (default: ema_decay's)")
     parser.add_argument("--num-samples", type=runs.positive_int, default=10000, help="samples to score")
@@ -363,18 +359,19 @@ def main(argv=None):
     device = runs.resolve_device(args.device)
     if is_npz:
         model, cfg = None, None
-        digits, labels, data_cfg = read_npz(args.input, args.data, args.data_root or helper.config["data"]["root"])
+        digits, labels, data_cfg = read_npz(args.input, data.data_name(args.data),
+                                            args.data_root or helper.config["data"]["root"])
     else:
         if args.data != "mnist":
             raise UserError("--data is for an .npz input: a checkpoint is scored against the data it was trained on")
-        model, cfg = load_ema_model(args.input, device, args.ema)
+        model, cfg = runs.load_ema_model(args.input, device, args.ema)
         data_cfg = {**cfg["data"], "root": args.data_root or cfg["data"]["root"]}
         digits, labels = None, None
     if args.labels and not cfg["model"]["num_classes"]:
         raise UserError("--labels needs a conditional checkpoint (python main.py --conditional); this one is not")
     guidances = args.guidance or [None]
     if not is_npz:
-        cfg = with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
+        cfg = runs.with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
                                   spacing=args.spacing)
     classifier, accuracy, classes = load_or_train_classifier(args.classifier or classifier_path(data_cfg), data_cfg)
     name = "MNIST" if data_cfg["name"] == "mnist" else os.path.basename(os.path.normpath(data_cfg["name"]))
@@ -387,7 +384,7 @@ def main(argv=None):
         labels = digit_mix(args.labels or "train", train_labels, args.num_samples, cfg["model"]["num_classes"])
     n = len(digits) if is_npz else args.num_samples
     pick = torch.randperm(len(train_digits), generator=torch.Generator().manual_seed(args.seed))[:min(n, 10000)]
-    rows = [{"name": f"{name} train ({len(pick)}) vs {'test' if data_cfg['name'] in runs.DATASETS else 'held out'}",
+    rows = [{"name": f"{name} train ({len(pick)}) vs {'test' if data_cfg['name'] in data.DATASETS else 'held out'}",
              **score(classifier, train_digits[pick.numpy()], reference, classes=classes)}]
 
     if is_npz:
@@ -401,7 +398,7 @@ def main(argv=None):
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
-                nfe = helper.sampler_evaluations(sampler, helper.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
+                nfe = runs.sampler_evaluations(sampler, runs.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
                 if args.ema is not None:
@@ -427,7 +424,7 @@ def main(argv=None):
 
     table = markdown_table(rows)
     print(table)
-    out = output_folder(args.out, args.input)
+    out = runs.output_folder(args.out, args.input)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "eval.md"), "w") as f:
         f.write(f"`{command}` with N = {n}, classifier test accuracy {accuracy:.2%}\n\n{table}\n")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+import data
 import helper
 import runs
 from helper import Schedule
@@ -33,54 +34,38 @@ def markov_chain(x_0, sched, generator):
     return torch.stack(xs, 1)
 
 
-def save_strip(images, titles, path, title):
-    """One row of images (K, C, H, W) in model range with a caption under each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    pixels = runs.to_uint8(images).numpy()  # (K, H, W, C)
-    fig, axes = plt.subplots(1, len(pixels), figsize=(0.9 * len(pixels), 1.7), squeeze=False)
-    for ax, image, caption in zip(axes[0], pixels, titles):
-        ax.imshow(runs.shown(image), cmap="gray", vmin=0, vmax=255)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel(caption, fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
     cfg = helper.get_config(args.preset)
-    name = args.data if args.data in runs.DATASETS else os.path.abspath(args.data)
+    name = data.data_name(args.data)
     root = args.data_root or cfg["data"]["root"]
-    size = runs.read_data(name, root, True).images[0].shape[-1]  # the first image's size: any other is resized
-    images, _, _ = runs.load_data({"name": name, "root": root, "image_size": size}, train=True)  # (N, C, S, S) uint8
+    size = data.read_data(name, root, True).images[0].shape[-1]  # the first image's size: any other is resized
+    images, _, _ = data.load_data({"name": name, "root": root, "image_size": size}, train=True)  # (N, C, S, S) uint8
     sched = Schedule.from_config(cfg["diffusion"])
     T = sched.T
     generator = torch.Generator().manual_seed(args.seed)
     index = torch.randint(len(images), (1,), generator=generator).item()
-    x_0 = runs.to_model_range(images[index:index + 1])  # (1, C, S, S)
+    x_0 = data.to_model_range(images[index:index + 1])  # (1, C, S, S)
     os.makedirs(args.out, exist_ok=True)
 
     # (a) the Markov chain, step by step; at most ~25 evenly spaced columns when T is large
     chain = markov_chain(x_0, sched, generator)[0]  # (T+1, C, S, S)
     shown = np.unique(np.linspace(0, T, min(T + 1, 26)).round().astype(int))
-    save_strip(chain[shown], [f"t={t}" for t in shown], os.path.join(args.out, "forward_chain.png"),
-               f"Markov chain q(x_t | x_(t-1)), digit #{index}, {cfg['diffusion']['schedule']} schedule, T={T}")
+    data.save_rows(data.to_uint8(chain[shown][None]).numpy(), os.path.join(args.out, "forward_chain.png"), None,
+                   [f"t={t}" for t in shown],
+                   f"Markov chain q(x_t | x_(t-1)), digit #{index}, {cfg['diffusion']['schedule']} schedule, T={T}")
 
     # (b) closed-form jumps straight from x_0 to x_t
     snapshots = sorted({1, T // 10, T // 4, T // 2, 3 * T // 4, T} - {0})
     t_index = torch.tensor(snapshots) - 1  # paper t -> code index
     x_t = helper.q_sample(x_0.expand(len(snapshots), -1, -1, -1), t_index,
                           torch.randn((len(snapshots), *x_0.shape[1:]), generator=generator), sched)
-    save_strip(torch.cat([x_0, x_t]), ["x_0"] + [f"t={t}\nab={sched.alpha_bars[t - 1]:.3f}" for t in snapshots],
-               os.path.join(args.out, "forward_closed_form.png"), "closed form q(x_t | x_0)")
+    data.save_rows(data.to_uint8(torch.cat([x_0, x_t])[None]).numpy(), os.path.join(args.out, "forward_closed_form.png"),
+                   None, ["x_0"] + [f"t={t}\nab={sched.alpha_bars[t - 1]:.3f}" for t in snapshots],
+                   "closed form q(x_t | x_0)")
 
     # how far x_T is from N(0, I), the distribution sampling starts from
-    batch = runs.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]])  # (1000, C, S, S)
+    batch = data.to_model_range(images[torch.randperm(len(images), generator=generator)[:1000]])  # (1000, C, S, S)
     x_T = helper.q_sample(batch, torch.full((len(batch),), T - 1), torch.randn(batch.shape, generator=generator), sched)
     alpha_bar_T = sched.alpha_bars[-1].item()
     print(f"alpha_bar_T = {alpha_bar_T:.4g}; sqrt(alpha_bar_T) = {alpha_bar_T ** 0.5:.4g} of x_0 survives in x_T")

@@ -15,10 +15,9 @@ from tqdm import tqdm
 
 config = {
     "data": {
-        "name": "mnist",           # a torchvision dataset (runs.DATASETS), a folder of images or an .npz
+        "name": "mnist",           # a torchvision dataset (data.DATASETS), a folder of images or an .npz
         "root": "data",            # where torchvision datasets live (MNIST/raw/ for mnist)
-        "image_size": 28,          # S of the S x S images the model sees: the data's own size, or
-                                   # what main.py --set data.image_size=S resizes them to
+        "image_size": 28,          # S x S the model sees: the data's own, or what --set data.image_size=S resizes to
         "channels": 1,             # 1 (greyscale) or 3 (RGB), as the data's
     },
     "model": {
@@ -39,13 +38,13 @@ config = {
         "beta_end": 1e-1,          # linear schedule: beta_T
         "cosine_s": 0.008,         # cosine schedule offset, keeps beta_1 from being ~0
         "zero_terminal_snr": False,  # rescale betas so alpha_bar_T = 0 (Lin et al. 2024)
-        "prediction": "eps",       # what the network outputs: eps, x0, v, or edm (Karras et al.'s F)
+        "prediction": "eps",       # what the network outputs: eps, x0 or v
     },
     "training": {
         "seed": 0,                 # seeds model init, data order, t and eps draws
         "batch_size": 16,
         "epochs": 3,               # used unless steps > 0
-        "steps": 0,                # optimiser steps; 0 means the time budget, else epochs * (60000 // batch_size)
+        "steps": 0,                # optimiser steps; 0 means the time budget, else epochs of the training images
         "minutes": 0.0,            # time budget (compilation and final grid included) that fixes steps
                                    # from the step rate measured at the start; 0 = none
         "optimizer": "adam",       # adam or adamw
@@ -58,14 +57,8 @@ config = {
         "ema_decay": 0.9999,       # EMA of weights, ramped as min(decay, (1+n)/(10+n))
         "extra_ema_decays": [],    # more EMA copies kept in ckpt.pt, for evaluate.py --ema to compare
         "min_snr_gamma": 0.0,      # min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off
-        "loss": "mse",             # per pixel: mse, or huber (squared up to |error| = huber_delta, linear beyond)
-        "huber_delta": 1.0,
-        "timesteps": "uniform",    # t ~ U{1..T}, or lognormal: EDM's ln sigma ~ N(p_mean, p_std^2) on the T levels
-        "p_mean": -1.2,
-        "p_std": 1.2,
         "p_uncond": 0.1,           # conditional models: share of labels replaced by the null label
         "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
-        "channels_last": False,    # NHWC memory format (see benchmark.py for whether it pays)
         "compile": False,          # torch.compile the training network (inductor)
         "checkpoint_every": 1000,  # optimiser steps between checkpoints
         "device": "auto",          # auto: cuda if available, else cpu
@@ -75,11 +68,10 @@ config = {
         "steps": 0,                # network evaluations; fewer than T respaces the schedule; 0 = T
         "spacing": "trailing",     # which steps are kept: trailing, uniform, quadratic or karras (EDM's)
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
-        "eta": 0.0,                # ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like
-                                   # (heun: the most churn EDM allows)
+        "eta": 0.0,                # ddim, dpm++, heun noise: 0 deterministic (the ODE), 1 DDPM-like / EDM's most churn
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
         "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
-                                   # (1.5: the least w asking >= 99% the requested digit; docs/control.md)
+                                   # (the least w whose samples are the requested digit; docs/control.md)
         "guidance_interval": [],   # [lo, hi]: guide only where sigma = sqrt((1 - alpha_bar) / alpha_bar)
                                    # lies in (lo, hi], w = 1 elsewhere (Kynkäänniemi et al. 2024); []: everywhere
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
@@ -100,11 +92,10 @@ presets = {
     # The report's table with alpha_bar_T = 0, so that x_T ~ N(0, I) is what training ends at;
     # v-prediction, since eps cannot give x_0 there (docs/recipe.md).
     "paper-zero-snr": {"diffusion": {"zero_terminal_snr": True, "prediction": "v"}},
-    # Best samples a 2-core CPU gets from `python main.py` in 30 minutes; see README. Conditional:
-    # with guidance it scores FID 10.2 against 31.5 unconditional, same budget (docs/control.md);
-    # sampled with EDM's stochastic sampler, most churn, at w = 1.1 (FID against precision); one
-    # res block per level and attention at the bottleneck only, which buy more steps than they
-    # cost (docs/quality.md).
+    # The best samples a 2-core CPU gets from `python main.py` in 30 minutes (docs/quality.md):
+    # conditional, since guidance beats unconditional sampling at the same budget (docs/control.md);
+    # EDM's stochastic sampler with the most churn, w = 1.1 for FID against precision; one res
+    # block per level and attention at the bottleneck only, which buy more steps than they cost.
     "cpu": {
         "model": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
                   "attn_resolutions": [], "dropout": 0.0, "num_classes": 10},
@@ -128,6 +119,11 @@ presets = {
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "heun")
 SPACINGS = ("trailing", "uniform", "quadratic", "karras")
+CHOICES = {("diffusion", "schedule"): ("linear", "cosine"), ("diffusion", "prediction"): ("eps", "x0", "v"),
+           ("training", "optimizer"): ("adam", "adamw"), ("training", "lr_decay"): ("constant", "cosine"),
+           ("training", "bf16"): ("auto", "on", "off"), ("sampling", "sampler"): SAMPLERS,
+           ("sampling", "spacing"): SPACINGS, ("sampling", "variance"): ("beta", "beta_tilde"),
+           ("distill", "stage"): ("", "guidance", "progressive")}
 
 
 class UserError(Exception):
@@ -153,10 +149,21 @@ def merge_config(base, overrides, where="config"):
     return merged
 
 
+# Options that measurement retired (docs/quality.md), at the one value this code runs: a
+# checkpoint that holds that value loads, any other is refused (commit b230bd5 still had them).
+RETIRED = {"training": {"loss": "mse", "huber_delta": 1.0, "timesteps": "uniform", "p_mean": -1.2, "p_std": 1.2,
+                        "channels_last": False}}
+
+
 def checkpoint_config(state):
-    """The config a checkpoint was written with, defaults filled in for keys it predates,
-    validated: one this code can run, or a UserError saying what is wrong."""
-    cfg = merge_config(config, state["config"], where="checkpoint config")
+    """The config a checkpoint was written with, defaults filled in for keys it predates and
+    retired ones dropped, validated: one this code can run, or a UserError saying what is wrong."""
+    saved = copy.deepcopy(state["config"])
+    for section, retired in RETIRED.items():
+        for key, value in retired.items():
+            if isinstance(saved.get(section), dict) and saved[section].pop(key, value) != value:
+                raise UserError(f"checkpoint trained with {section}.{key}, an option retired after commit b230bd5")
+    cfg = merge_config(config, saved, where="checkpoint config")
     validate_config(cfg)
     return cfg
 
@@ -199,25 +206,15 @@ def validate_config(cfg):
     check(cfg["data"]["image_size"] % 2 ** (len(m["ch_mult"]) - 1) == 0,
           f"data.image_size {cfg['data']['image_size']} cannot be halved {len(m['ch_mult']) - 1} times")
     check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")
-    check(d["schedule"] in ("linear", "cosine"), f"unknown schedule '{d['schedule']}'")
-    check(d["prediction"] in ("eps", "x0", "v", "edm"), f"unknown prediction '{d['prediction']}'")
-    check(not (d["prediction"] == "edm" and tr["min_snr_gamma"] > 0),
-          "prediction edm brings its own loss weight: set training.min_snr_gamma to 0")
-    check(tr["timesteps"] in ("uniform", "lognormal"), f"unknown training.timesteps '{tr['timesteps']}'")
+    for (section, key), allowed in CHOICES.items():
+        check(cfg[section][key] in allowed, f"unknown {section}.{key} '{cfg[section][key]}' (choose from {allowed})")
     check(all(type(d) in (int, float) and 0 <= d < 1 for d in tr["extra_ema_decays"]),
           "training.extra_ema_decays must be numbers in [0, 1)")
-    check(tr["p_std"] > 0, "training.p_std must be positive")
-    check(tr["loss"] in ("mse", "huber") and tr["huber_delta"] > 0, "training.loss must be mse or huber, huber_delta > 0")
     check(not (d["zero_terminal_snr"] and d["prediction"] == "eps"),
           "zero_terminal_snr needs prediction v or x0: eps cannot give x_0 at alpha_bar_T = 0")
-    check(tr["optimizer"] in ("adam", "adamw"), f"unknown optimizer '{tr['optimizer']}'")
-    check(tr["lr_decay"] in ("constant", "cosine"), f"unknown lr_decay '{tr['lr_decay']}'")
-    check(tr["bf16"] in ("auto", "on", "off"), "training.bf16 must be auto, on or off")
-    check(s["sampler"] in SAMPLERS, f"unknown sampler '{s['sampler']}'")
     check(not (s["sampler"] == "heun" and d["zero_terminal_snr"]),
           "the heun sampler cannot start at sigma = infinity (zero_terminal_snr): use ddim or dpm++")
     check(not (s["sampler"] == "heun" and s["eta"] > 1), "the heun sampler's eta must be in [0, 1]")
-    check(s["spacing"] in SPACINGS, f"unknown spacing '{s['spacing']}'")
     check(s["eta"] >= 0, "sampling.eta must not be negative")
     check(s["guidance"] >= 0, f"sampling.guidance must not be negative, got {s['guidance']}")
     interval = s["guidance_interval"]
@@ -226,10 +223,8 @@ def validate_config(cfg):
           f"sampling.guidance_interval must be [] or [lo, hi] with 0 <= lo < hi, got {interval}")
     check(m["num_classes"] >= 0, "model.num_classes must not be negative")
     check(0.0 <= tr["p_uncond"] <= 1.0, "training.p_uncond must be in [0, 1]")
-    check(s["variance"] in ("beta", "beta_tilde"), "sampling.variance must be beta or beta_tilde")
     check(0 <= s["steps"] <= d["T"], f"sampling.steps must be in [0, T={d['T']}]")
     ds = cfg["distill"]
-    check(ds["stage"] in ("", "guidance", "progressive"), f"unknown distill.stage '{ds['stage']}'")
     check(not m["guidance_embedding"] or m["num_classes"] > 0, "model.guidance_embedding needs a conditional model")
     check(ds["steps"] == 0 or (ds["steps"] & (ds["steps"] - 1) == 0 and ds["steps"] <= d["T"]),
           f"distill.steps must be 0 or a power of two up to T, got {ds['steps']}")
@@ -274,6 +269,8 @@ class Schedule:
     alpha_bars           alpha_bar_t = prod_{s<=t} alpha_s
     alpha_bars_prev      alpha_bar_{t-1}, with alpha_bar_0 = 1
     posterior_variance   beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t  (DDPM eq. 7)
+    posterior_mean_x0    sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t), mu_tilde's factor on x_0 (eq. 7)
+    posterior_mean_xt    sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t), its factor on x_t
     timesteps            the network's timestep index for each step: 0..T-1, or the kept
                          steps of a respaced schedule
     """
@@ -286,6 +283,8 @@ class Schedule:
         self.alpha_bars = torch.cumprod(self.alphas, 0)
         self.alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bars[:-1]])
         self.posterior_variance = (1 - self.alpha_bars_prev) / (1 - self.alpha_bars) * self.betas
+        self.posterior_mean_x0 = self.alpha_bars_prev.sqrt() * self.betas / (1 - self.alpha_bars)
+        self.posterior_mean_xt = self.alphas.sqrt() * (1 - self.alpha_bars_prev) / (1 - self.alpha_bars)
         self.timesteps = torch.arange(self.T) if timesteps is None else torch.as_tensor(timesteps)
 
     @classmethod
@@ -373,50 +372,19 @@ def q_sample_step(x_prev, t, eps, sched):
     return (1 - beta).sqrt() * x_prev + beta.sqrt() * eps
 
 
-def v_target(x_0, eps, t, sched):
-    """Salimans & Ho 2022 §4: v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0."""
+def training_target(x_0, eps, t, sched, prediction):
+    """What the network learns to output at x_t: eps (DDPM), x_0, or v = sqrt(alpha_bar_t) eps -
+    sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022 §4)."""
+    if prediction != "v":
+        return eps if prediction == "eps" else x_0
     alpha_bar = extract(sched.alpha_bars, t, x_0.shape)
     return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x_0
 
 
-EDM_SIGMA_DATA = 0.5  # Karras et al. 2022's data std, the value they use for images in [-1, 1]
-
-
-def edm_scalings(alpha_bar, sigma_data=EDM_SIGMA_DATA):
-    """EDM preconditioning (Karras et al. 2022 Table 1) at the VP level a = alpha_bar: their
-    x = x_t / sqrt(a) has noise sigma = sqrt((1 - a) / a), and D(x) = c_skip x + c_out F(c_in x) with
-    c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s / sqrt(sigma^2 + s^2), c_in = 1 / sqrt(sigma^2 + s^2),
-    s = sigma_data. As factors on x_t, with d = 1 - a + a s^2 (the variance of x_t for data of std s):
-    input c_in / sqrt(a) = 1 / sqrt(d), skip c_skip / sqrt(a) = sqrt(a) s^2 / d, out c_out = s sqrt(1 - a) / sqrt(d).
-    At s = 1 (d = 1) F is -v: v-prediction is this preconditioning for data of unit std."""
-    d = 1 - alpha_bar + alpha_bar * sigma_data ** 2
-    return d.rsqrt(), alpha_bar.sqrt() * sigma_data ** 2 / d, sigma_data * (1 - alpha_bar).sqrt() / d.sqrt()
-
-
-def network_input(x_t, t, sched, prediction):
-    """What the network sees at x_t: x_t itself, or for edm x_t scaled to unit variance (c_in)."""
-    if prediction != "edm":
-        return x_t
-    scale_in, _, _ = edm_scalings(extract(sched.alpha_bars, t, x_t.shape))
-    return scale_in * x_t
-
-
-def training_target(x_0, eps, t, sched, prediction):
-    """What the network learns to output at x_t: eps (DDPM), x_0, v, or EDM's
-    F = (x_0 - c_skip x) / c_out, whose plain squared error is EDM's weighted loss. With x_t
-    from (*) and edm_scalings' d = 1 - a + a s^2, F = (sqrt(1 - a) x_0 - s^2 sqrt(a) eps) / (s sqrt(d))."""
-    if prediction == "edm":
-        alpha_bar, s = extract(sched.alpha_bars, t, x_0.shape), EDM_SIGMA_DATA
-        scale_in, _, _ = edm_scalings(alpha_bar)  # 1 / sqrt(d)
-        return ((1 - alpha_bar).sqrt() * x_0 - s ** 2 * alpha_bar.sqrt() * eps) * scale_in / s
-    return {"eps": lambda: eps, "x0": lambda: x_0, "v": lambda: v_target(x_0, eps, t, sched)}[prediction]()
-
-
 def predict_x0_eps(model_output, x_t, t, sched, prediction):
-    """Turn a network output (eps, x0, v or edm) into the pair (x_0, eps) it implies at x_t.
+    """Turn a network output (eps, x0 or v) into the pair (x_0, eps) it implies at x_t.
     From (*): x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a), and for v:
-    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, with a = alpha_bar_t;
-    for edm x_0 = c_skip x + c_out F (edm_scalings)."""
+    x_0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(1 - a) x_t + sqrt(a) v, with a = alpha_bar_t."""
     alpha_bar = extract(sched.alpha_bars, t, x_t.shape)
     if prediction == "eps":
         eps = model_output
@@ -424,21 +392,34 @@ def predict_x0_eps(model_output, x_t, t, sched, prediction):
     if prediction == "v":
         v = model_output
         return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * v, (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * v
-    if prediction == "x0":
-        x_0 = model_output
-    else:  # edm
-        _, skip, out = edm_scalings(alpha_bar)
-        x_0 = skip * x_t + out * model_output
+    x_0 = model_output
     return x_0, (x_t - alpha_bar.sqrt() * x_0) / (1 - alpha_bar).sqrt()  # eps from (*)
 
 
 def q_posterior_mean(x_0, x_t, t, sched):
     """DDPM eq. 7: mu_tilde_t(x_t, x_0) = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
-    + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t.  Shapes (B, C, H, W)."""
-    shape = x_t.shape
-    beta, alpha = extract(sched.betas, t, shape), extract(sched.alphas, t, shape)
-    alpha_bar, alpha_bar_prev = extract(sched.alpha_bars, t, shape), extract(sched.alpha_bars_prev, t, shape)
-    return (alpha_bar_prev.sqrt() * beta * x_0 + alpha.sqrt() * (1 - alpha_bar_prev) * x_t) / (1 - alpha_bar)
+    + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t, its two factors formed in
+    float64 by Schedule (at t = 1 they are exactly 1 and 0).  Shapes (B, C, H, W)."""
+    return (extract(sched.posterior_mean_x0, t, x_t.shape) * x_0
+            + extract(sched.posterior_mean_xt, t, x_t.shape) * x_t)
+
+
+def diffusion_loss(network, x_0, t, eps, sched, prediction, min_snr_gamma=0.0, labels=None):
+    """DDPM Algorithm 1 / L_simple (eq. 14) for the draws t (B,) and eps (B, C, H, W): the network
+    at x_t = q_sample(x_0, t, eps) regresses its target (eps, x_0 or v), the squared error
+    averaged (not summed) over pixels, so the loss scale and the useful learning rate do not
+    depend on batch or image size. A conditional network also sees the labels (B,). With
+    min_snr_gamma > 0 each t is weighted min(SNR_t, gamma) in x_0 units (Hang et al. 2023),
+    divided by what the target already weighs (SNR for eps, SNR + 1 for v)."""
+    x_t = q_sample(x_0, t, eps, sched)
+    output = network(x_t, t) if labels is None else network(x_t, t, labels)
+    target = training_target(x_0, eps, t, sched, prediction)
+    per_sample = (output.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,), in fp32
+    if min_snr_gamma > 0:
+        snr = sched.snr().to(x_0.device)[t]
+        divisor = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / divisor
+    return per_sample.mean()
 
 
 # ----------------------------------------------------------------------------------------
@@ -464,7 +445,7 @@ def denoise(model, x_t, i, sched, prediction, clip_x0):
     """One network call at step i of sched (an int, or (B,) steps), turned into (x_0, eps) via
     predict_x0_eps; x_0 optionally clipped to [-1, 1], eps then recomputed so the pair stays consistent."""
     i_batch = i if torch.is_tensor(i) else torch.full((x_t.shape[0],), i, device=x_t.device, dtype=torch.long)
-    output = model(network_input(x_t, i_batch, sched, prediction), sched.timesteps.to(x_t.device)[i_batch]).float()
+    output = model(x_t, sched.timesteps.to(x_t.device)[i_batch]).float()
     x_0, eps = predict_x0_eps(output, x_t, i_batch, sched, prediction)
     if clip_x0:
         x_0 = x_0.clamp(-1, 1)
@@ -628,21 +609,19 @@ def heun_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
 
 class Guided(torch.nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022 eq. 6) around a conditional network, as the
-    plain model(x_t, t) every sampler calls: with the requested labels y (B,) and weight w,
+    plain model(x_t, t) every sampler calls: towards the labels y (B,) with weight w,
         output = output(x_t, t, null) + w (output(x_t, t, y) - output(x_t, t, null)),
-    so w = 0 is the unconditional model, w = 1 the conditional one and w > 1 pushes further
-    towards y. Every parameterisation (eps, x0, v, edm) is affine in the network output at fixed x_t,
-    so combining outputs here is combining the implied eps and x_0 in predict_x0_eps. Both
-    passes run as one network call on a batch of 2B. guided_at (T,) bool, if given, limits the
-    guidance to the timesteps marked (Kynkäänniemi et al. 2024); elsewhere w = 1. A
-    guidance-distilled student (takes_w) is called once, with w as its input."""
+    so w = 0 is unconditional, w = 1 conditional, w > 1 guided. Every parameterisation is affine
+    in the output at fixed x_t, so this combines the implied eps and x_0 alike. Both passes are
+    one call of batch 2B. guided_at (T,) bool limits guidance to the marked timesteps
+    (Kynkäänniemi et al. 2024; w = 1 elsewhere). A guidance-distilled student (takes_w) is
+    called once, with w as its input."""
 
     def __init__(self, network, labels, guidance, null_label, guided_at=None, takes_w=False):
         super().__init__()
         self.network, self.labels, self.guidance, self.guided_at = network, labels, guidance, guided_at
         self.null, self.takes_w = torch.full_like(labels, null_label), takes_w
-        # decided once for the batch (samplers call forward at every step): w = 0 or labels all null
-        # need the null pass alone
+        # once for the batch, not at every step: w = 0 or all labels null need the null pass alone
         self.unconditional = guidance == 0 or bool((labels == null_label).all())
 
     def forward(self, x_t, t):
@@ -654,9 +633,14 @@ class Guided(torch.nn.Module):
             return self.network(x_t, t, self.null)
         if w == 1:
             return self.network(x_t, t, self.labels)
-        both = self.network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
-        conditional, unconditional = both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
-        return guided_output(conditional, unconditional, w)
+        return guided_output(*conditional_and_unconditional(self.network, x_t, t, self.labels, self.null), w)
+
+
+def conditional_and_unconditional(network, x_t, t, labels, null):
+    """The network's outputs at x_t for the labels (B,) and for the null labels (B,), as one
+    call of batch 2B: (conditional, unconditional), each (B, C, H, W) in fp32."""
+    both = network(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+    return both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
 
 
 def guided_output(conditional, unconditional, w):
@@ -664,56 +648,3 @@ def guided_output(conditional, unconditional, w):
     samples with, and the target a guidance-distilled student learns in one pass (Meng et al.
     2023 eq. 6)."""
     return unconditional + w * (conditional - unconditional)
-
-
-def guided_network(network, cfg, labels):
-    """The network as the samplers call it, model(x_t, t): for a conditional model, Guided
-    towards `labels` (B,) with cfg's weight and interval (labels None: the null label, i.e.
-    unconditional samples); an unconditional model as it is."""
-    num_classes = cfg["model"]["num_classes"]
-    if labels is not None and num_classes == 0:
-        raise UserError("this checkpoint is unconditional: it cannot be asked for a digit")
-    if num_classes == 0:
-        return network
-    guided_at, interval = None, cfg["sampling"]["guidance_interval"]
-    if interval:
-        sigmas = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
-        guided_at = (sigmas > interval[0]) & (sigmas <= interval[1])
-    return Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at,
-                  takes_w=cfg["model"]["guidance_embedding"])
-
-
-def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=True):
-    """The sampler cfg["sampling"] names, from x_T down the (possibly respaced) schedule sched."""
-    s, prediction = cfg["sampling"], cfg["diffusion"]["prediction"]
-    common = dict(prediction=prediction, clip_x0=s["clip_x0"], trajectory_of=trajectory_of, progress=progress)
-    if s["sampler"] == "ddpm":
-        return ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
-    if s["sampler"] == "ddim":
-        return ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
-    if s["sampler"] == "heun":  # stops at sched's levels; its churn may reach any of the T levels between them
-        return heun_sample(model, x_T, Schedule.from_config(cfg["diffusion"]), eta=s["eta"], generator=generator,
-                           stops=sched.timesteps.tolist(), **common)
-    return dpm_solver_pp_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
-
-
-def sampler_stops(sampler, steps):
-    """How many levels a sampler stops at for `steps` network evaluations: one evaluation per
-    level, but heun's two except at its first and last (sampler_evaluations)."""
-    return steps // 2 + 1 if sampler == "heun" else steps
-
-
-def sampler_evaluations(sampler, stops):
-    """Network evaluations of a sampler on `stops` levels: heun_sample's 2 n - 2 (one for n = 1)."""
-    return max(1, 2 * stops - 2) if sampler == "heun" else stops
-
-
-def sampling_schedule(cfg):
-    """The schedule the sampler walks: cfg's, respaced to the sampler's stops for sampling.steps
-    network evaluations when fewer than T."""
-    s = cfg["sampling"]
-    sched = Schedule.from_config(cfg["diffusion"])
-    stops = sampler_stops(s["sampler"], s["steps"])
-    if stops and stops < sched.T:
-        sched = sched.respace(spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
-    return sched

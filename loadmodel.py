@@ -12,66 +12,30 @@ import math
 import os
 
 import numpy as np
-import torch
 
+import data
 import helper
 import runs
-from helper import UserError
-from model import Model
 
 GRID_MAX = 256  # samples shown in samples_grid.png; every sample is in samples.npz
-PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist-cpu.pt")
-
-
-def default_checkpoint(path):
-    """The checkpoint to sample: the one given, else out/ckpt.pt of a local run, else the
-    weights shipped with the repo (said in one line)."""
-    if path is not None:
-        return path
-    local = os.path.join("out", "ckpt.pt")
-    if os.path.exists(local) or not os.path.exists(PRETRAINED):
-        return local
-    print(f"no out/ckpt.pt yet: sampling the shipped weights {os.path.relpath(PRETRAINED)} (python main.py trains your own)")
-    return PRETRAINED
-
-
-def output_folder(out, checkpoint):
-    """--out, else the checkpoint's folder (out/ for the shipped weights, which stay as they are)."""
-    if out:
-        return out
-    return "out" if os.path.abspath(checkpoint) == PRETRAINED else os.path.dirname(os.path.abspath(checkpoint))
-
-
-def digit_choice(text):
-    if text == "all":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a class (0-9 for MNIST's digits) or 'all', got {text!r}")
-    return int(text)
-
-
-ETA_HELP = ("ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like or, for heun, EDM's most "
-            "churn (default: the checkpoint's)")
-INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI], "
-                 "w = 1 elsewhere (default: the checkpoint's; none: everywhere)")
 
 
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?",
-                        help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {PRETRAINED})")
-    parser.add_argument("--digit", type=digit_choice,
+                        help=f"checkpoint written by main.py (default: out/ckpt.pt, else the shipped {runs.PRETRAINED})")
+    parser.add_argument("--digit", type=runs.digit_choice,
                         help="conditional checkpoints: the digit (the class, for other data) to draw, or 'all' "
                              "for N/10 of each (N/classes), one row per class (default: all; --guidance 0 draws "
                              "unconditional samples instead)")
     parser.add_argument("--guidance", type=float,
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
-    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=INTERVAL_HELP)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=runs.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
-    parser.add_argument("--eta", type=float, help=ETA_HELP)
+    parser.add_argument("--eta", type=float, help=runs.ETA_HELP)
     parser.add_argument("--num-samples", type=runs.positive_int,
                         help="digits to sample (default: 16, or 10 per class with --digit all)")
     parser.add_argument("--batch-size", type=runs.positive_int, default=runs.SAMPLE_BATCH,
@@ -85,72 +49,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def with_sampling_flags(cfg, guidance=None, guidance_interval=None, **chosen):
-    """cfg with the sampling flags given (None keeps the checkpoint's); --guidance and
-    --guidance-interval only for a conditional checkpoint."""
-    if (guidance is not None or guidance_interval is not None) and cfg["model"]["num_classes"] == 0:
-        raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional); this one is not")
-    return helper.with_sampling(cfg, guidance=guidance, guidance_interval=guidance_interval, **chosen)
-
-
-def requested_labels(digit, num_samples, cfg):
-    """The label of each sample (N,) int64, or None for unconditional samples."""
-    if digit is None:
-        return None
-    classes = cfg["model"]["num_classes"]
-    if classes == 0:
-        raise UserError("--digit needs a conditional checkpoint (python main.py --conditional); this one is not")
-    if cfg["sampling"]["guidance"] == 0:
-        raise UserError("guidance w = 0 samples unconditionally: it cannot be asked for a digit (drop --digit)")
-    if digit != "all":
-        if digit >= classes:
-            raise UserError(f"--digit {digit}: this checkpoint knows the classes 0-{classes - 1}")
-        return torch.full((num_samples,), digit, dtype=torch.long)
-    if num_samples % classes:
-        raise UserError(f"--digit all draws N/{classes} of each class: --num-samples must be a multiple of "
-                        f"{classes}, got {num_samples}")
-    return torch.arange(classes).repeat_interleave(num_samples // classes)
-
-
-def load_ema_model(path, device, decay=None):
-    """The EMA network of a checkpoint (or its extra EMA of that decay) and the config stored with it."""
-    state = runs.load_checkpoint(path)
-    cfg = state["config"]
-    model = Model.from_config(cfg)
-    weights, decays = state["ema"], cfg["training"]["extra_ema_decays"]
-    if decay is not None and decay != cfg["training"]["ema_decay"]:
-        if decay not in decays or "extra_emas" not in state:
-            kept = ", ".join(f"{d:g}" for d in [cfg["training"]["ema_decay"], *decays])
-            raise UserError(f"'{path}' keeps the EMA of decay {kept}, not {decay:g}")
-        prefix = f"{decays.index(decay)}."  # the extra EMAs are saved as one ModuleList
-        weights = {name[len(prefix):]: w for name, w in state["extra_emas"].items() if name.startswith(prefix)}
-    runs.load_weights(model, weights)
-    return model.to(device).eval(), cfg
-
-
 def save_trajectory_figure(trajectory, path, row_labels=None, max_columns=20):
-    """One row per sample, columns evenly spaced from x_T (left) to x_0 (right), drawn as one
-    image. trajectory: (N, S+1, C, H, W) in model range; row_labels: a caption per row, or None."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    N, S, _, H, W = trajectory.shape
+    """One row per sample, columns evenly spaced from x_T (left) to x_0 (right), captioned with the
+    sampler steps left. trajectory: (N, S+1, C, H, W) in model range; row_labels: one per row, or None."""
+    S = trajectory.shape[1]
     columns = np.unique(np.linspace(0, S - 1, min(S, max_columns)).round().astype(int))
-    images = runs.to_uint8(trajectory[:, columns].flatten(0, 1)).numpy()  # (N K, H, W, C), row by row
-    pad = 2
-    fig, ax = plt.subplots(figsize=(0.8 * len(columns), 0.8 * N + 0.3))
-    ax.imshow(runs.shown(runs.tile(images, len(columns), pad)), cmap="gray", vmin=0, vmax=255)
-    centre = lambda k, size: pad + k * (size + pad) + size / 2 - 0.5  # pixel coordinate of cell k's middle
-    ax.set_xticks([centre(k, W) for k in range(len(columns))],
-                  [f"{S - 1 - column}/{S - 1}" if column < S - 1 else "x_0" for column in columns], fontsize=7)
-    ax.xaxis.tick_top()
-    ax.set_yticks([centre(row, H) for row in range(N)] if row_labels else [], row_labels or [], fontsize=7)
-    ax.tick_params(length=0)
-    ax.set_frame_on(False)
-    fig.suptitle("denoising trajectories: sampler steps left until x_0", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    rows = data.to_uint8(trajectory[:, columns]).numpy()  # (N, K, H, W, C)
+    data.save_rows(rows, path, row_labels, [f"{S - 1 - c}/{S - 1}" if c < S - 1 else "x_0" for c in columns],
+                   "denoising trajectories: sampler steps left until x_0")
 
 
 def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
@@ -162,7 +68,7 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
     steps = np.unique(np.linspace(0, S - 1, min(S, frames)).round().astype(int))
     images = []
     for step in steps:
-        pixels = runs.shown(runs.tile(runs.to_uint8(trajectory[:, step]).numpy(), nrow, padding=1))
+        pixels = data.shown(data.tile(data.to_uint8(trajectory[:, step]).numpy(), nrow, padding=1))
         images.append(Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST))
     durations = [80] * (len(images) - 1) + [2000]
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
@@ -171,17 +77,17 @@ def save_trajectory_gif(trajectory, path, nrow, frames=50, scale=3):
 def main(argv=None):
     args = parse_args(argv)
     device = runs.resolve_device(args.device)
-    checkpoint = default_checkpoint(args.checkpoint)
-    model, cfg = load_ema_model(checkpoint, device)
-    cfg = with_sampling_flags(cfg, args.guidance, args.guidance_interval, sampler=args.sampler, steps=args.steps,
+    checkpoint = runs.default_checkpoint(args.checkpoint)
+    model, cfg = runs.load_ema_model(checkpoint, device)
+    cfg = runs.with_sampling_flags(cfg, args.guidance, args.guidance_interval, sampler=args.sampler, steps=args.steps,
                               eta=args.eta, compile=args.compile)
     digit = args.digit
     if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
         digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally
     classes = cfg["model"]["num_classes"]
     n = args.num_samples or (10 * classes if digit == "all" else 16)
-    labels = requested_labels(digit, n, cfg)
-    out = output_folder(args.out, checkpoint)
+    labels = runs.requested_labels(digit, n, cfg)
+    out = runs.output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
     which = "each digit in turn" if digit == "all" else f"digit {digit}"
@@ -200,10 +106,10 @@ def main(argv=None):
     if per_row:  # one row per class: the first of each, at most GRID_MAX in all
         width = max(1, min(per_row, GRID_MAX // classes))
         grid = np.concatenate([digits[d * per_row:d * per_row + width] for d in range(classes)])
-        runs.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
+        data.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=width)
     else:
         grid = digits[:GRID_MAX]
-        runs.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(len(grid))))
+        data.save_grid(grid, os.path.join(out, "samples_grid.png"), nrow=math.ceil(math.sqrt(len(grid))))
     arrays = {"arr_0": digits} if labels is None else {"arr_0": digits, "labels": labels.numpy()}
     np.savez(os.path.join(out, "samples.npz"), **arrays)
     capped = f" (the grid shows {len(grid)} of them)" if len(grid) < n else ""

@@ -22,7 +22,7 @@ class ResnetBlock(nn.Module):
     """x -> GN, swish, conv3x3, + proj(temb) -> GN, swish, dropout, conv3x3 -> + shortcut(x).
     x: (B, C_in, H, W), temb: (B, temb_ch) -> (B, C_out, H, W)."""
 
-    def __init__(self, in_channels, out_channels, temb_channels, dropout, conv_shortcut=False, group_channels=4):
+    def __init__(self, in_channels, out_channels, temb_channels, dropout, group_channels=4):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.norm1 = Normalize(in_channels, group_channels)
@@ -31,12 +31,8 @@ class ResnetBlock(nn.Module):
         self.norm2 = Normalize(out_channels, group_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            # 3x3 or 1x1 ("network-in-network") projection so that x + h is defined
-            kernel = 3 if conv_shortcut else 1
-            self.shortcut = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
-        else:
-            self.shortcut = nn.Identity()
+        # a 1x1 ("network-in-network") projection where the widths differ, so that x + h is defined
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x, temb):
         h = self.conv1(nonlinearity(self.norm1(x)))

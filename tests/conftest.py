@@ -1,4 +1,5 @@
 """Shared fixtures: the repo on sys.path and the offline MNIST copy beside the project."""
+import contextlib
 import os
 import sys
 
@@ -10,6 +11,18 @@ sys.path.insert(0, REPO)
 MNIST_ROOT = os.environ.get("MNIST_ROOT", os.path.join(REPO, "..", "shared", "data"))
 
 
+@contextlib.contextmanager
+def no_eager_fallback():
+    """Fail where torch.compile fell back to eager on a frame it tried: runs.compile_network lets
+    it (where no compiler works), and a test of the compiled network must not pass on that
+    fallback. A frame compiled before (the same architecture) is reused without counting."""
+    from torch._dynamo.utils import counters
+    frames = counters["frames"]
+    failed = frames["total"] - frames["ok"]
+    yield
+    assert frames["ok"] > 0 and frames["total"] - frames["ok"] == failed, "torch.compile fell back to eager"
+
+
 @pytest.fixture(scope="session")
 def mnist_root():
     if not os.path.isdir(os.path.join(MNIST_ROOT, "MNIST", "raw")):
@@ -19,15 +32,15 @@ def mnist_root():
 
 @pytest.fixture(scope="session")
 def mnist(mnist_root):
-    """cfg["data"] of MNIST, for runs.load_data and evaluate.data_images."""
+    """cfg["data"] of MNIST, for data.load_data and evaluate.data_images."""
     return {"name": "mnist", "root": mnist_root, "image_size": 28, "channels": 1}
 
 
 @pytest.fixture(scope="session")
 def digits(mnist):
     """The first 512 MNIST training digits in model range, (512, 1, 28, 28)."""
-    import runs
-    return runs.to_model_range(runs.load_data(mnist)[0][:512])
+    import data
+    return data.to_model_range(data.load_data(mnist)[0][:512])
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import edit
 import evaluate
 import helper
 import loadmodel
 import main
 import runs
+import training
 from helper import Schedule
 from model import Model
 from test_scripts import assert_one_line_error, run_in_process, run_script
@@ -30,31 +32,15 @@ def inputs(B=4, seed=1):
     return torch.randn(B, 1, 28, 28, generator=generator), torch.tensor([0, 5, 12, 19])[:B]
 
 
-def test_drop_labels_replaces_the_requested_share_with_the_null_label():
+def test_draw_replaces_the_requested_share_of_labels_with_the_null_label():
+    _, cfg = conditional_model()
     y = torch.randint(0, 10, (200000,), generator=torch.Generator().manual_seed(0))
     for p in (0.0, 0.1, 0.5, 1.0):
-        dropped = main.drop_labels(y, p, 10, torch.Generator().manual_seed(1))
+        cfg = helper.merge_config(cfg, {"training": {"p_uncond": p}})
+        dropped = training.draw(cfg, torch.Generator().manual_seed(1), (len(y), 1, 1, 1), slice(None), y).labels
         null = dropped == 10
         assert null.double().mean().item() == pytest.approx(p, abs=0.005)
         assert torch.equal(dropped[~null], y[~null])  # the others keep their own label
-
-
-def test_training_feeds_the_network_labels_with_nulls_at_p_uncond():
-    _, cfg = conditional_model()
-    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.25}})
-    seen = []
-
-    def recording(x_t, t, y):  # the labels are what matters here, not the network's output
-        seen.append(y.clone())
-        return torch.zeros_like(x_t)
-
-    labels = torch.arange(10).repeat(100)  # (1000,)
-    x_0 = torch.zeros(1000, 1, 28, 28)
-    main.diffusion_loss(recording, x_0, Schedule.from_config(cfg["diffusion"]), cfg, torch.Generator().manual_seed(0),
-                        False, labels)
-    (y,) = seen
-    assert (y == 10).double().mean().item() == pytest.approx(0.25, abs=0.04)
-    assert torch.equal(y[y != 10], labels[y != 10])
 
 
 def test_an_unconditional_model_has_no_label_embedding_and_refuses_labels():
@@ -64,25 +50,6 @@ def test_an_unconditional_model_has_no_label_embedding_and_refuses_labels():
     x, t = inputs(2)
     with pytest.raises(AssertionError):
         model(x, t, torch.zeros(2, dtype=torch.long))
-
-
-def test_unconditional_outputs_and_samples_are_those_of_the_code_before_conditioning():
-    """Golden numbers from the unconditional code as it was before labels existed: the same
-    seeded smoke network gives the same output and the same samples for every sampler."""
-    cfg = helper.get_config("smoke")
-    torch.manual_seed(0)
-    model = Model.from_config(cfg).eval()
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        out = model(x, torch.tensor([0, 5, 19])).double()
-    # tolerances allow other CPUs' kernels; a changed network or RNG use moves these by far more
-    assert out.sum().item() == pytest.approx(-276.22571852919646, rel=1e-4)
-    assert out.abs().sum().item() == pytest.approx(644.9704264833126, rel=1e-4)
-    golden = {"ddpm": 4151.032948578242, "ddim": 3304.1529149684648, "dpm++": 3303.325113966479}
-    for sampler, abs_sum in golden.items():
-        samples = runs.sample(model, helper.with_sampling(cfg, sampler=sampler, steps=5), 3, seed=2, device="cpu",
-                                progress=False)
-        assert samples.double().abs().sum().item() == pytest.approx(abs_sum, rel=1e-3), sampler
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
@@ -146,7 +113,7 @@ def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
     y = torch.tensor([3, 7, 1, 9])
     sigma = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
     lo, hi = sigma[4].item(), sigma[12].item()  # (lo, hi] holds t = 5..12
-    network = helper.guided_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
+    network = runs.guided_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
     assert network.guided_at.nonzero().flatten().tolist() == list(range(5, 13))
     plain, conditional = helper.Guided(model, y, 3.0, 10), helper.Guided(model, y, 1.0, 10)
     with torch.no_grad():
@@ -194,7 +161,7 @@ def test_repaint_keeps_the_known_pixels_of_the_original(digits, resample):
     generator = torch.Generator().manual_seed(0)
     filled = edit.repaint(network, torch.randn(original.shape, generator=generator), sched, original, known, "eps",
                           "beta", True, generator, resample, progress=False)
-    before, after = runs.to_digits(original), runs.to_digits(filled)
+    before, after = data.to_digits(original), data.to_digits(filled)
     keep = known[0, 0].bool().numpy()
     assert np.abs(before[:, keep].astype(int) - after[:, keep].astype(int)).max() <= 1
     assert np.abs(before[:, ~keep].astype(int) - after[:, ~keep].astype(int)).max() > 50  # the rest is generated
@@ -240,7 +207,7 @@ def test_edit_inpaint_and_interpolate_write_their_figures(conditional_run, mnist
 def test_inpainting_an_unconditional_model_labels_the_originals(trained, tmp_path, mnist_root, mnist):
     edit.main(["inpaint", str(trained / "ckpt.pt"), "--index", "0", "--count", "3", "--num-samples", "1",
                "--data-root", mnist_root, "--out", str(tmp_path)])
-    _, test_labels, _ = runs.load_data(mnist, train=False)
+    _, test_labels, _ = data.load_data(mnist, train=False)
     assert np.load(tmp_path / "inpainted.npz")["labels"].tolist() == test_labels[:3].tolist()
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import edit
 import evaluate
 import forwardprocess
-import helper
 import loadmodel
 import main
 import runs
-from test_scripts import assert_one_line_error, assert_same_run, run_in_process
+import training
+from test_scripts import assert_one_line_error, run_in_process
 from tools import make_data
 
 
@@ -25,7 +26,7 @@ def datasets(tmp_path_factory, mnist):
     """Small data of each kind built from MNIST (tools/make_data.py): name -> (--data, --data-root,
     extra main.py flags, the (S, S, C) of its samples)."""
     root = tmp_path_factory.mktemp("data")
-    images, labels, _ = runs.load_data(mnist)
+    images, labels, _ = data.load_data(mnist)
     grey, grey_labels = make_data.make(images[:300], labels[:300])
     make_data.write(grey, grey_labels, str(root / "png"))
     rgb, rgb_labels = make_data.make(images[:300], labels[:300], size=32, colour=True)
@@ -33,7 +34,7 @@ def datasets(tmp_path_factory, mnist):
     make_data.write(rgb[:200], None, str(root / "unlabelled"))
     fashion = root / "FashionMNIST" / "raw"  # MNIST's files where torchvision looks for Fashion-MNIST's
     fashion.mkdir(parents=True)
-    for name in runs.MNIST_FILES:
+    for name in data.MNIST_FILES:
         os.symlink(os.path.join(mnist["root"], "MNIST", "raw", name), fashion / name)
     return {"fashion-mnist": ("fashion-mnist", str(root), ["--conditional"], (28, 28, 1)),
             "png": (str(root / "png"), None, ["--conditional"], (28, 28, 1)),
@@ -43,20 +44,17 @@ def datasets(tmp_path_factory, mnist):
 
 
 def train(datasets, kind, out, *flags):
-    data, root, extra, _ = datasets[kind]
-    args = ["--preset", "smoke", "--data", data, "--out", str(out), "--set", "training.checkpoint_every=100",
+    name, root, extra, _ = datasets[kind]
+    args = ["--preset", "smoke", "--data", name, "--out", str(out), "--set", "training.checkpoint_every=100",
             *extra, *flags]  # a checkpoint (and its preview grid) at the end alone
     main.main(args + (["--data-root", root] if root else []))
 
 
 @pytest.mark.parametrize("kind", ["fashion-mnist", "png", "rgb.npz", "unlabelled-64"])
-def test_each_kind_of_data_trains_resumes_samples_edits_and_scores(datasets, kind, tmp_path, classifier_file):
+def test_each_kind_of_data_trains_samples_edits_and_scores(datasets, kind, tmp_path, classifier_file):
     shape, labelled = datasets[kind][3], not kind.startswith("unlabelled")
-    train(datasets, kind, tmp_path / "straight", "--steps", "6")
-    train(datasets, kind, tmp_path / "halves", "--steps", "3")
-    main.main(["--resume", str(tmp_path / "halves" / "ckpt.pt"), "--steps", "6"])
-    assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
-    ckpt = str(tmp_path / "straight" / "ckpt.pt")
+    train(datasets, kind, tmp_path / "run", "--steps", "6")
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
     cfg = runs.load_checkpoint(ckpt)["config"]
     assert (cfg["data"]["image_size"], cfg["data"]["image_size"], cfg["data"]["channels"]) == shape
     assert cfg["model"]["num_classes"] == (10 if labelled else 0)
@@ -85,15 +83,22 @@ def test_forwardprocess_shows_an_rgb_image(datasets, tmp_path, capsys):
     assert "x_T over 270 images" in capsys.readouterr().out  # the training split of 300
 
 
+def test_an_epoch_is_a_pass_over_the_datas_own_training_images(datasets, tmp_path):
+    cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--data", datasets["png"][0], "--epochs", "2"]))
+    assert training.total_steps_of(cfg) == 2 * (270 // 16)  # 270 training images of 300, batches of 16
+    train(datasets, "png", tmp_path, "--epochs", "1", "--set", "training.batch_size=90")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
 def test_a_folder_and_an_npz_keep_a_fixed_tenth_out_of_training(datasets):
-    whole = runs.read_npz_images(datasets["rgb.npz"][0])
+    whole = data.read_npz_images(datasets["rgb.npz"][0])
     label_of = {image.numpy().tobytes(): label for image, label in zip(whole.images, whole.labels.tolist())}
-    splits = [runs.read_data(datasets["rgb.npz"][0], "unused", train) for train in (True, False)]
+    splits = [data.read_data(datasets["rgb.npz"][0], "unused", train) for train in (True, False)]
     assert [len(split.images) for split in splits] == [270, 30]
     seen = [image.numpy().tobytes() for split in splits for image in split.images]
     assert set(seen) == set(label_of) and len(set(seen)) == 300  # disjoint, and together the whole
     assert [label_of[key] for key in seen] == torch.cat([split.labels for split in splits]).tolist()
-    folder = [runs.read_data(datasets["png"][0], "unused", train) for train in (True, False)]
+    folder = [data.read_data(datasets["png"][0], "unused", train) for train in (True, False)]
     assert [len(split.images) for split in folder] == [270, 30] and folder[0].classes == [str(d) for d in range(10)]
 
 
@@ -115,12 +120,12 @@ def test_bad_data_is_one_line(datasets, tmp_path, mnist_root):
         Image.fromarray(np.zeros((size, size), np.uint8)).save(mixed / f"{i}.png")
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((8, 28, 28, 1), np.float32))
     np.savez(tmp_path / "short.npz", arr_0=np.zeros((8, 28, 28, 1), np.uint8), labels=np.zeros(7, np.int64))
-    for data, fragment in [(tmp_path / "empty", "holds no .png/.jpg/.jpeg images"),
+    for source, fragment in [(tmp_path / "empty", "holds no .png/.jpg/.jpeg images"),
                            (tmp_path / "mixed", "differ in size or are not square"),
                            (tmp_path / "float.npz", "arr_0 must be uint8"),
                            (tmp_path / "short.npz", "labels must be integers >= 0 of shape (8,)"),
                            ("cifar100", "is neither a dataset")]:
-        code, _, stderr = run_in_process("main.py", "--preset", "smoke", "--data", str(data), "--out", str(tmp_path))
+        code, _, stderr = run_in_process("main.py", "--preset", "smoke", "--data", str(source), "--out", str(tmp_path))
         assert_one_line_error(code, stderr, fragment)
     code, _, stderr = run_in_process("main.py", "--preset", "smoke", "--data", str(tmp_path / "mixed"), "--out",
                                      str(tmp_path / "resized"), "--steps", "1", "--set", "data.image_size=28",
@@ -138,6 +143,6 @@ def test_the_sample_grid_is_torchvisions_layout_white_between_and_around(n, chan
     images = torch.rand(n, channels, 5, 4) * 2 - 1
     expected = torchvision.utils.make_grid((images + 1) / 2, nrow=3, padding=2, pad_value=1.0)  # (3, H', W')
     expected = (expected * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()[..., :channels]
-    runs.save_grid(runs.to_digits(images), tmp_path / "grid.png", nrow=3)
+    data.save_grid(data.to_digits(images), tmp_path / "grid.png", nrow=3)
     saved = np.array(Image.open(tmp_path / "grid.png"))
     assert np.abs(saved.reshape(expected.shape).astype(int) - expected).max() <= 1  # rounding of x.5 apart

@@ -9,8 +9,8 @@ import torch
 
 import distill
 import helper
-import loadmodel
 import runs
+import training
 from helper import Schedule
 from model import Model
 from test_control import conditional_model, inputs
@@ -70,7 +70,6 @@ def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
     teacher, cfg = conditional_model()
     student, cfg = student_of(teacher, cfg)
     cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.3}})
-    sched = Schedule.from_config(cfg["diffusion"])
     x_0 = torch.rand(16, 1, 28, 28) * 2 - 1
     y = torch.arange(16) % 10
     seen = {}
@@ -83,10 +82,10 @@ def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
     def conditional_only(x_in, t, labels, w):
         return teacher(x_in, t, labels)
 
+    draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
+    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher)
     with torch.no_grad():
-        loss = distill.guidance_loss(teacher, exact, x_0, sched, cfg, torch.Generator().manual_seed(0), False, y)
-        wrong = distill.guidance_loss(teacher, conditional_only, x_0, sched, cfg, torch.Generator().manual_seed(0),
-                                      False, y)
+        loss, wrong = loss_of(exact, x_0, draws), loss_of(conditional_only, x_0, draws)
     assert loss.item() < 1e-10 and wrong.item() > 1e-4
     low, high = cfg["distill"]["guidance_range"]
     assert low <= seen["w"].min() and seen["w"].max() <= high and seen["w"].std() > 0.1
@@ -227,7 +226,7 @@ def test_teachers_of_the_wrong_kind_are_one_line(trained, chain, tmp_path):
     assert_one_line_error(code, stderr, "the teacher samples in 2 steps: nothing to distil to 2")
 
 
-STUDENT = os.path.join(os.path.dirname(loadmodel.PRETRAINED), "mnist-cpu-4steps.pt")
+STUDENT = os.path.join(os.path.dirname(runs.PRETRAINED), "mnist-cpu-4steps.pt")
 
 
 def test_the_shipped_student_is_bf16_on_disk_fp32_when_loaded_and_samples_in_its_4_steps(tmp_path):
@@ -235,7 +234,7 @@ def test_the_shipped_student_is_bf16_on_disk_fp32_when_loaded_and_samples_in_its
     assert sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)) < 8 * 2**20
     stored = torch.load(STUDENT, map_location="cpu", weights_only=True)["ema"]
     assert {w.dtype for w in stored.values()} == {torch.bfloat16}
-    model, cfg = loadmodel.load_ema_model(STUDENT, "cpu")
+    model, cfg = runs.load_ema_model(STUDENT, "cpu")
     assert cfg["distill"]["stage"] == "progressive" and cfg["distill"]["steps"] == cfg["sampling"]["steps"] == 4
     for name, w in model.state_dict().items():
         assert w.dtype == torch.float32 and torch.equal(w, stored[name].float())

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import evaluate
-import loadmodel
 import main
 import runs
+import training
 from conftest import REPO
 from helper import UserError
 from test_scripts import assert_one_line_error, assert_same_run, run_in_process, run_script, smoke_config
@@ -54,7 +54,7 @@ def checkpoint_step(path, timeout=90):
 def reference(tmp_path_factory, mnist_root):
     """The uninterrupted run the interrupted ones must end up equal to."""
     out = tmp_path_factory.mktemp("reference")
-    main.train(smoke_config(mnist_root, steps=STEPS), str(out), progress=False)
+    training.train(smoke_config(mnist_root, steps=STEPS), str(out), progress=False)
     return out / "ckpt.pt"
 
 
@@ -225,7 +225,7 @@ def test_fuzzed_checkpoints_are_refused_as_user_errors(checkpoint_bytes, tmp_pat
         torch.save({**state, key: value}, tmp_path / f"state{i}.pt")
     for path in sorted(tmp_path.glob("*.pt")):
         with pytest.raises(UserError):
-            loadmodel.load_ema_model(str(path), "cpu")
+            runs.load_ema_model(str(path), "cpu")
     for path in sorted(tmp_path.glob("[rt]*.pt")):  # unreadable files, for the resume path too
         with pytest.raises(UserError):
             main.resolve(main.parse_args(["--resume", str(path)]))

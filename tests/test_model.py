@@ -7,6 +7,7 @@ import torch
 import helper
 import runs
 from attnblock import AttnBlock
+from conftest import no_eager_fallback
 from downsample import Downsample
 from model import Model
 from upsample import Upsample
@@ -93,17 +94,13 @@ def cpu_preset_model():
 
 
 @torch.no_grad()
-def test_bf16_autocast_and_channels_last_match_fp32(cpu_preset_model):
-    """The speed switches change rounding, not the function: bf16 keeps ~3 significant digits."""
+def test_bf16_autocast_matches_fp32(cpu_preset_model):
+    """bf16 changes rounding, not the function: it keeps ~3 significant digits."""
     model, x, t, y = cpu_preset_model
     reference = model(x, t, y)
     with runs.autocast("cpu", True):
         bf16 = model(x, t, y)
     assert bf16.dtype == torch.bfloat16 and 0 < relative_error(bf16, reference) < 2e-2
-    nhwc = Model.from_config(helper.get_config("cpu")).eval()
-    nhwc.load_state_dict(model.state_dict())
-    nhwc = nhwc.to(memory_format=torch.channels_last)
-    assert relative_error(nhwc(x.to(memory_format=torch.channels_last), t, y), reference) < 1e-5
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -121,8 +118,9 @@ def test_compiled_model_matches_eager(frozen):
     compiled = runs.compile_network(model, frozen=frozen, layouts=frozen)
     reference = model(x, t)
     if frozen:
-        assert relative_error(compiled(x, t), reference) < 1e-4
-    with runs.autocast("cpu", True):
+        with no_eager_fallback():
+            assert relative_error(compiled(x, t), reference) < 1e-4
+    with runs.autocast("cpu", True), no_eager_fallback():
         bf16 = compiled(x, t)
     assert bf16.dtype == torch.bfloat16 and relative_error(bf16, reference) < 2e-2
 
@@ -136,4 +134,5 @@ def test_frozen_compiled_networks_keep_their_own_weights():
         torch.manual_seed(seed)
         model = Model.from_config(helper.get_config("smoke")).eval()
         compiled = runs.compile_network(model, frozen=True, layouts=True)
-        assert relative_error(compiled(x, t), model(x, t)) < 1e-4
+        with no_eager_fallback():
+            assert relative_error(compiled(x, t), model(x, t)) < 1e-4

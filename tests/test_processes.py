@@ -11,6 +11,7 @@ import torch
 
 import main
 import runs
+import training
 from conftest import REPO
 from test_faults import checkpoint_step
 from test_scripts import assert_one_line_error, assert_same_run, run_in_process, smoke_config
@@ -58,7 +59,7 @@ def two_processes(tmp_path_factory, mnist_root):
 
 
 def test_two_processes_train_as_one_at_the_same_global_batch(two_processes, mnist_root, tmp_path):
-    main.train(smoke_config(mnist_root, steps=STEPS), str(tmp_path), progress=False)
+    training.train(smoke_config(mnist_root, steps=STEPS), str(tmp_path), progress=False)
     one, two = (torch.load(path, weights_only=True) for path in (tmp_path / "ckpt.pt", two_processes))
     assert two["processes"] == 2 and one["processes"] == 1
     # The same images, t, eps and label drops per step: each process's gradient is the mean over
@@ -126,5 +127,5 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     with pytest.raises(runs.UserError, match="torchrun started 2 processes on a machine with 1 CUDA device"):
-        with runs.Processes("cuda", environ):
+        with training.Processes("cuda", environ):
             pass

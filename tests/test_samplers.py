@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import helper
+import runs
 from helper import Schedule
 
 MU, STD = 0.3, 0.5  # data: x_0 ~ N(MU, STD^2) in every pixel
@@ -16,9 +17,8 @@ class OptimalGaussianDenoiser(torch.nn.Module):
         super().__init__()
         self.sched, self.prediction = sched, prediction
 
-    def forward(self, x_in, t):
-        a = helper.extract(self.sched.alpha_bars.double(), t, x_in.shape)
-        x_t = x_in / helper.edm_scalings(a)[0] if self.prediction == "edm" else x_in  # undo c_in
+    def forward(self, x_t, t):
+        a = helper.extract(self.sched.alpha_bars.double(), t, x_t.shape)
         eps = (1 - a).sqrt() * (x_t - a.sqrt() * MU) / (a * STD ** 2 + 1 - a)
         x_0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
         return helper.training_target(x_0.float(), eps.float(), t, self.sched, self.prediction)
@@ -53,7 +53,7 @@ def test_ddim_recovers_gaussian_data(steps, spacing):
 
 
 @pytest.mark.parametrize("steps", [10, 20])
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "edm"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
     full, sched = respaced(1000, steps)
     samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
@@ -106,12 +106,12 @@ def test_heun_spends_two_evaluations_per_stop_and_churns_between_levels(eta):
     cfg = helper.get_config("smoke")
     cfg = helper.merge_config(cfg, {"diffusion": {"T": 1000, "schedule": "cosine"},
                                     "sampling": {"sampler": "heun", "steps": 20, "eta": eta}})
-    sched = helper.sampling_schedule(cfg)
+    sched = runs.sampling_schedule(cfg)
     stops = helper.spaced_timesteps(1000, 11, "trailing")
     assert sched.timesteps.tolist() == stops
     model = Recorder(OptimalGaussianDenoiser(Schedule.from_config(cfg["diffusion"]), "eps"))
-    helper.run_sampler(model, x_T(8).float(), sched, cfg, torch.Generator().manual_seed(0), progress=False)
-    assert len(model.calls) == 20 == helper.sampler_evaluations("heun", len(stops))
+    runs.run_sampler(model, x_T(8).float(), sched, cfg, torch.Generator().manual_seed(0), progress=False)
+    assert len(model.calls) == 20 == runs.sampler_evaluations("heun", len(stops))
     assert model.calls[0] == stops[-1] == 999  # the top: no level above it to churn to
     corrections = model.calls[2:-1:2]  # Heun's evaluations, each at the next stop down
     assert corrections == stops[-3::-1]
@@ -208,7 +208,7 @@ def test_karras_spacing_follows_edm_eq5_on_the_levels():
     for level, target in zip(keep[-2::-1], targets):
         assert sigmas[level].item() == pytest.approx(target, rel=0.04)
     cfg = helper.merge_config(helper.get_config("cpu"), {"sampling": {"spacing": "karras"}})
-    assert helper.sampling_schedule(cfg).timesteps.tolist() == keep  # heun's 20 evaluations: 11 stops
+    assert runs.sampling_schedule(cfg).timesteps.tolist() == keep  # heun's 20 evaluations: 11 stops
     with pytest.raises(helper.UserError, match="karras spacing cannot place 30 distinct steps in T=20"):
         helper.spaced_timesteps(20, 30, "karras", Schedule(helper.cosine_betas(20)).snr().rsqrt())
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import helper
-import main
 from forwardprocess import markov_chain
 from helper import Schedule
 
@@ -108,7 +107,7 @@ def test_posterior_mean_eps_form_equals_x0_form():
     torch.testing.assert_close(helper.q_posterior_mean(x_0, x_t, t, sched), eps_form, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_network_output_converts_back_to_true_x0_and_eps(prediction):
     sched = schedules()["cosine"]
     generator = torch.Generator().manual_seed(1)
@@ -127,53 +126,27 @@ def test_v_is_the_rotation_of_eps_and_x0():
     t = torch.tensor([100, 500, 900])
     x_0, eps = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
     phi = torch.atan2((1 - sched.alpha_bars[t]).sqrt(), sched.alpha_bars[t].sqrt()).float().reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(helper.v_target(x_0, eps, t, sched), phi.cos() * eps - phi.sin() * x_0)
+    torch.testing.assert_close(helper.training_target(x_0, eps, t, sched, "v"), phi.cos() * eps - phi.sin() * x_0)
 
 
-def test_edm_scalings_are_karras_table_1_in_vp_terms():
-    alpha_bar = Schedule(helper.cosine_betas(1000)).alpha_bars[::50]
-    s = helper.EDM_SIGMA_DATA
-    sigma = ((1 - alpha_bar) / alpha_bar).sqrt()  # EDM's noise level of x = x_t / sqrt(alpha_bar)
-    c_skip, c_out, c_in = s ** 2 / (sigma ** 2 + s ** 2), sigma * s / (sigma ** 2 + s ** 2).sqrt(), (sigma ** 2 + s ** 2).rsqrt()
-    scale_in, skip, out = helper.edm_scalings(alpha_bar)
-    torch.testing.assert_close(scale_in, c_in / alpha_bar.sqrt())
-    torch.testing.assert_close(skip, c_skip / alpha_bar.sqrt())
-    torch.testing.assert_close(out, c_out)
+@pytest.mark.parametrize("preset", ["paper", "cpu"])
+def test_at_t_1_the_posterior_mean_is_x_0_to_float32_precision(preset):
+    """DDPM eq. 7 at the paper's t = 1 (code index 0): alpha_bar_0 = 1, so mu_tilde = x_0 exactly,
+    whatever x_t is; its factors are formed in float64 before the cast."""
+    sched = Schedule.from_config(helper.get_config(preset)["diffusion"])
+    assert sched.posterior_mean_x0[0].float().item() == 1.0 and sched.posterior_mean_xt[0].item() == 0.0
+    generator = torch.Generator().manual_seed(0)
+    x_0, x_t = torch.rand(8, 1, 4, 4, generator=generator) * 2 - 1, 10 * torch.randn(8, 1, 4, 4, generator=generator)
+    torch.testing.assert_close(helper.q_posterior_mean(x_0, x_t, torch.zeros(8, dtype=torch.long), sched), x_0,
+                               rtol=1.2e-7, atol=0)
 
 
-def test_edm_preconditioning_with_unit_data_std_is_v_prediction():
-    sched = schedules()["cosine"]
-    t = torch.tensor([0, 300, 700, 998])
-    x_t, v = torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2)
-    a = helper.extract(sched.alpha_bars, t, x_t.shape)
-    scale_in, skip, out = helper.edm_scalings(a, sigma_data=1.0)
-    torch.testing.assert_close(scale_in, torch.ones_like(a))
-    x_0_v, _ = helper.predict_x0_eps(v, x_t, t, sched, "v")
-    torch.testing.assert_close(skip * x_t + out * -v, x_0_v)
-
-
-@pytest.mark.parametrize("t", [0, 200, 500, 800, 990])
-def test_edm_input_and_target_have_unit_variance_for_data_of_std_sigma_data(t):
-    """Karras et al.'s design rule: for data of std sigma_data, c_in x and the target F both
-    have unit variance at every noise level."""
-    sched = schedules()["cosine"]
-    generator = torch.Generator().manual_seed(t)
-    x_0 = helper.EDM_SIGMA_DATA * torch.randn(20000, 1, 1, 1, generator=generator, dtype=torch.float64)
-    eps = torch.randn(x_0.shape, generator=generator, dtype=torch.float64)
-    steps = torch.full((len(x_0),), t)
-    x_t = helper.q_sample(x_0, steps, eps, sched).double()
-    assert helper.network_input(x_t, steps, sched, "edm").var().item() == pytest.approx(1.0, rel=0.03)
-    assert helper.training_target(x_0, eps, steps, sched, "edm").var().item() == pytest.approx(1.0, rel=0.03)
-
-
-def test_lognormal_timesteps_give_ln_sigma_the_requested_mean_and_std():
-    sched = schedules()["cosine"]
-    probs = main.lognormal_probs(sched, -1.2, 1.2)
-    log_sigma = -0.5 * sched.snr().log()
-    assert probs.sum().item() == pytest.approx(1.0, abs=1e-12) and (probs >= 0).all()
-    mean = (probs * log_sigma).sum().item()
-    std = (probs * (log_sigma - mean) ** 2).sum().sqrt().item()
-    assert mean == pytest.approx(-1.2, abs=0.02) and std == pytest.approx(1.2, abs=0.02)
+def test_posterior_mean_factors_match_ddpm_eq_7_in_float64():
+    for sched in schedules().values():
+        ab, ab_prev = sched.alpha_bars, sched.alpha_bars_prev
+        torch.testing.assert_close(sched.posterior_mean_x0, ab_prev.sqrt() * sched.betas / (1 - ab), rtol=1e-12, atol=0)
+        torch.testing.assert_close(sched.posterior_mean_xt, sched.alphas.sqrt() * (1 - ab_prev) / (1 - ab),
+                                   rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("t", [4, 24, 49])

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 import benchmark
+import data
 import helper
 import loadmodel
 import main
 import runs
-from conftest import REPO
+import training
+from conftest import REPO, no_eager_fallback
 from helper import Schedule
 from model import Model
 
@@ -71,9 +73,9 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
 
 
 def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path, monkeypatch):
-    state = torch.load(loadmodel.PRETRAINED, map_location="cpu", weights_only=True)
+    state = torch.load(runs.PRETRAINED, map_location="cpu", weights_only=True)
     assert state.keys() == runs.SAMPLING_KEYS
-    shipped, default = helper.merge_config(helper.config, state["config"]), helper.get_config("cpu")
+    shipped, default = helper.checkpoint_config(state), helper.get_config("cpu")
     assert all(shipped[section] == default[section] for section in ("model", "diffusion", "sampling"))
     monkeypatch.chdir(tmp_path)  # no out/ckpt.pt here
     code, stdout, stderr = run_in_process("loadmodel.py", "--num-samples", "10", "--steps", "5", "--out", str(tmp_path))
@@ -89,48 +91,83 @@ def test_training_lowers_the_loss_on_real_digits(mnist_root, digits, tmp_path):
     sched = Schedule.from_config(cfg["diffusion"])
 
     def fixed_batch_loss(model):  # the same x_0, t and eps before and after training
+        draws = training.draw(cfg, torch.Generator().manual_seed(0), digits[:256].shape, slice(None))
         with torch.no_grad():
-            return main.diffusion_loss(model, digits[:256], sched, cfg, torch.Generator().manual_seed(0), False).item()
+            return helper.diffusion_loss(model, digits[:256], draws.t, draws.eps, sched, "eps").item()
 
     torch.manual_seed(cfg["training"]["seed"])
     before = fixed_batch_loss(Model.from_config(cfg))  # the initial weights train() starts from
-    ema, losses, _ = main.train(cfg, str(tmp_path), progress=False)
+    ema, losses, _ = training.train(cfg, str(tmp_path), progress=False)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model = Model.from_config(cfg)
     model.load_state_dict(state["model"])
     assert fixed_batch_loss(model) < 0.8 * before
 
 
-@pytest.mark.parametrize("loss, error, expected", [("mse", 0.3, 0.09), ("mse", 2.0, 4.0),
-                                                     ("huber", 0.3, 0.09), ("huber", 2.0, 3.0)])
-def test_huber_loss_is_squared_error_up_to_delta_then_linear(loss, error, expected):
-    cfg = helper.merge_config(helper.get_config("smoke"), {
-        "diffusion": {"prediction": "x0"}, "training": {"loss": loss, "huber_delta": 1.0}})
-    x_0 = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    off_by_error = lambda x_in, t: x_0 + error  # the x_0 target missed by `error` in every pixel
-    value = main.diffusion_loss(off_by_error, x_0, Schedule.from_config(cfg["diffusion"]), cfg,
-                                torch.Generator().manual_seed(1), False).item()
-    assert value == pytest.approx(expected, rel=1e-5)
+def test_the_loss_is_algorithm_1_with_min_snr_weights_in_x0_units():
+    """L_simple = mean ||eps - eps_theta(sqrt(a) x_0 + sqrt(1 - a) eps, t)||^2, written out here
+    independently; with min-SNR-gamma under v-prediction each sample weighs min(SNR, gamma) / (SNR + 1)."""
+    sched = Schedule(helper.cosine_betas(100))
+    generator = torch.Generator().manual_seed(0)
+    x_0 = torch.rand(6, 1, 4, 4, generator=generator) * 2 - 1
+    eps = torch.randn(x_0.shape, generator=generator)
+    t = torch.tensor([0, 10, 30, 50, 80, 99])
+    network = lambda x_t, t: 0.5 * x_t + t.float().reshape(-1, 1, 1, 1) / 100  # any function of (x_t, t)
+    a = sched.alpha_bars[t].float().reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x_0 + (1 - a).sqrt() * eps
+    expected = (eps - network(x_t, t)).pow(2).mean()
+    torch.testing.assert_close(helper.diffusion_loss(network, x_0, t, eps, sched, "eps"), expected)
+    v = a.sqrt() * eps - (1 - a).sqrt() * x_0
+    snr = (sched.alpha_bars / (1 - sched.alpha_bars))[t]
+    per_sample = (v - network(x_t, t)).pow(2).mean(dim=(1, 2, 3)).double()
+    expected = (per_sample * snr.clamp(max=5.0) / (snr + 1)).mean()
+    torch.testing.assert_close(helper.diffusion_loss(network, x_0, t, eps, sched, "v", 5.0), expected)
 
 
-def test_edm_training_draws_lognormal_noise_levels_and_sees_unit_variance():
-    """EDM's loss on data of std sigma_data: t from the log-normal levels, the network fed c_in x
-    (unit variance) and, for a network that outputs 0, a loss of E[F^2] = 1."""
-    cfg = helper.merge_config(helper.get_config("smoke"), {
-        "diffusion": {"T": 1000, "schedule": "cosine", "prediction": "edm"}, "training": {"timesteps": "lognormal"}})
-    sched, seen = Schedule.from_config(cfg["diffusion"]), []
+def previous_algorithm_1(network, x_0, y, sched, cfg, generator, part):
+    """The training loss as commit b230bd5 drew and computed it (main.diffusion_loss there): every
+    process drew t, eps and the label drops for the whole global batch, then kept its rows."""
+    k, n = part
+    rows, B = slice(k * len(x_0), (k + 1) * len(x_0)), n * len(x_0)
+    t = torch.randint(0, sched.T, (B,), generator=generator)[rows]
+    eps = torch.randn((B, *x_0.shape[1:]), generator=generator)[rows]
+    drop = torch.rand(B, generator=generator)[rows] < cfg["training"]["p_uncond"]
+    y = torch.where(drop, torch.full_like(y, cfg["model"]["num_classes"]), y)
+    a = sched.alpha_bars.float()[t].reshape(-1, 1, 1, 1)
+    output = network(a.sqrt() * x_0 + (1 - a).sqrt() * eps, t, y)
+    per_sample = (output.float() - (a.sqrt() * eps - (1 - a).sqrt() * x_0)).pow(2).mean(dim=(1, 2, 3))
+    snr = sched.snr()[t]
+    return (per_sample * snr.clamp(max=cfg["training"]["min_snr_gamma"]) / (snr + 1)).mean()
 
-    def recording(x_in, t):
-        seen.append((x_in, t))
-        return torch.zeros_like(x_in)
 
-    x_0 = helper.EDM_SIGMA_DATA * torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    loss = main.diffusion_loss(recording, x_0, sched, cfg, torch.Generator().manual_seed(1), False).item()
-    (x_in, t), = seen
-    log_sigma = -0.5 * sched.snr().log()[t]
-    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.08) and log_sigma.std().item() == pytest.approx(1.2, abs=0.08)
-    assert x_in.var().item() == pytest.approx(1.0, rel=0.05)
-    assert loss == pytest.approx(1.0, rel=0.05)
+@pytest.mark.parametrize("part", [(0, 1), (0, 2), (1, 2)])
+def test_a_training_step_draws_and_computes_what_the_previous_commit_did(digits, part):
+    """A fixed seed trains as before the loss was separated from the draws (the cpu preset's
+    v-prediction, min-SNR and label dropout), alone and as either of two processes."""
+    cfg = helper.merge_config(helper.get_config("cpu"), {"diffusion": {"T": 50}})
+    sched = Schedule.from_config(cfg["diffusion"])
+    torch.manual_seed(0)
+    network = Model.from_config(cfg).eval()
+    x_0, y = digits[:8], torch.arange(8)
+    rows = slice(part[0] * 8, (part[0] + 1) * 8)
+    with torch.no_grad():
+        for seed in (0, 1):
+            before, now = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+            expected = previous_algorithm_1(network, x_0, y, sched, cfg, before, part)
+            draws = training.draw(cfg, now, (8 * part[1], 1, 28, 28), rows, y)
+            loss = training.algorithm_1(cfg)(network, x_0, draws)
+            assert torch.equal(loss, expected) and torch.equal(now.get_state(), before.get_state())
+
+
+def test_two_processes_draw_the_rows_of_what_one_process_draws():
+    cfg = helper.merge_config(helper.get_config("smoke"), {"model": {"num_classes": 10},
+                                                           "training": {"p_uncond": 0.5}})
+    labels = torch.arange(16) % 10
+    one = training.draw(cfg, torch.Generator().manual_seed(3), (16, 1, 28, 28), slice(None), labels)
+    for k, rows in enumerate((slice(0, 8), slice(8, 16))):
+        part = training.draw(cfg, torch.Generator().manual_seed(3), (16, 1, 28, 28), rows, labels[rows])
+        for field in ("t", "eps", "labels"):
+            assert torch.equal(getattr(part, field), getattr(one, field)[rows]), (k, field)
 
 
 def assert_same_run(a_path, b_path):
@@ -142,26 +179,24 @@ def assert_same_run(a_path, b_path):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
 
 
-@pytest.mark.parametrize("num_classes, extra_ema_decays", [(0, []), (10, [0.5])])  # conditional: null-label draws
-def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path, num_classes, extra_ema_decays):
-    def config(steps):
-        return helper.merge_config(smoke_config(mnist_root, steps=steps, extra_ema_decays=extra_ema_decays),
-                                   {"model": {"num_classes": num_classes}})
+def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path):
+    def config(steps):  # conditional (null-label draws) with an extra EMA: every part of the state
+        return helper.merge_config(smoke_config(mnist_root, steps=steps, extra_ema_decays=[0.5]),
+                                   {"model": {"num_classes": 10}})
 
-    main.train(config(8), str(tmp_path / "straight"), progress=False)
-    main.train(config(4), str(tmp_path / "halves"), progress=False)
+    training.train(config(8), str(tmp_path / "straight"), progress=False)
+    training.train(config(4), str(tmp_path / "halves"), progress=False)
     state = runs.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
-    main.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
+    training.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
     assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
-    assert ("label_emb.weight" in state["model"]) == (num_classes > 0)
 
 
 def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path, mnist_root):
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--set", "training.lr=0.003", "--data-root", mnist_root,
-                                              "--set", "model.ch_mult=[1,2]", "--set", "diffusion.prediction=edm"]))
+                                              "--set", "model.ch_mult=[1,2]", "--set", "diffusion.prediction=x0"]))
     assert cfg["training"]["lr"] == 0.003 and cfg["model"]["ch_mult"] == [1, 2]
-    assert cfg["diffusion"]["prediction"] == "edm" and cfg == helper.merge_config(helper.get_config("smoke"), {
-        "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "edm"},
+    assert cfg["diffusion"]["prediction"] == "x0" and cfg == helper.merge_config(helper.get_config("smoke"), {
+        "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "x0"},
         "data": {"root": mnist_root}})
     with pytest.raises(helper.UserError, match="--resume takes its preset, settings"):
         main.resolve(main.parse_args(["--resume", str(tmp_path / "ckpt.pt"), "--set", "training.lr=0.1"]))
@@ -169,25 +204,23 @@ def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path, mnist_root
 
 def test_extra_emas_are_kept_and_evaluate_can_pick_one(mnist_root, tmp_path):
     """An extra EMA of the run's own decay is the EMA, one of decay 0 is the weights themselves."""
-    main.train(smoke_config(mnist_root, steps=6, extra_ema_decays=[0.9, 0.0]), str(tmp_path), progress=False)
+    training.train(smoke_config(mnist_root, steps=6, extra_ema_decays=[0.9, 0.0]), str(tmp_path), progress=False)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["config"]["training"]["ema_decay"] == 0.9
     for name, value in state["ema"].items():  # the first extra copy, decay 0.9, kept beside the EMA
         assert torch.equal(state["extra_emas"][f"0.{name}"], value), name
     for decay, expected in ((0.0, state["model"]), (None, state["ema"])):
-        model, _ = loadmodel.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", decay)
+        model, _ = runs.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", decay)
         for name, value in model.state_dict().items():
             assert torch.equal(value, expected[name]), (decay, name)
     assert any(not torch.equal(state["ema"][name], state["model"][name]) for name in state["ema"])
     with pytest.raises(helper.UserError, match="keeps the EMA of decay 0.9, 0.9, 0, not 0.5"):
-        loadmodel.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", 0.5)
+        runs.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", 0.5)
 
 
 def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
-    assert runs.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - runs.BUDGET_RESERVE) - 100) / 0.5)
-    assert runs.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
-    seconds = runs.measure_seconds_per_step(lambda: time.sleep(0.01), {})
-    assert 0.01 <= seconds < 0.05
+    assert training.budgeted_steps(30, 100.0, 0.5) == int((30 * 60 * (1 - training.BUDGET_RESERVE) - 100) / 0.5)
+    assert training.budgeted_steps(1, 120.0, 0.5) == 1  # start-up alone spent the budget: one step
 
 
 @pytest.mark.parametrize("flags, minutes, total", [
@@ -196,17 +229,17 @@ def test_budgeted_steps_fill_the_minutes_left_at_the_measured_rate():
 ])
 def test_the_cpu_preset_runs_on_a_time_budget_unless_steps_or_epochs_are_given(flags, minutes, total, mnist_root):
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "cpu", "--data-root", mnist_root, *flags]))
-    assert cfg["training"]["minutes"] == minutes and runs.total_steps_of(cfg) == total
+    assert cfg["training"]["minutes"] == minutes and training.total_steps_of(cfg) == total
 
 
-def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_path, monkeypatch):
+def test_a_time_budget_fixes_the_step_count_and_resume_keeps_it(mnist_root, tmp_path, monkeypatch):
     measured = []
 
     def budgeted(minutes, seconds_so_far, seconds_per_step):  # the arithmetic is tested above
         measured.append((minutes, seconds_so_far, seconds_per_step))
         return 6
-    monkeypatch.setattr(runs, "budgeted_steps", budgeted)
-    monkeypatch.setattr(runs, "BUDGET_STEPS", 2)  # timing 2 steps runs the same code as timing 20
+    monkeypatch.setattr(training, "budgeted_steps", budgeted)
+    monkeypatch.setattr(training, "BUDGET_STEPS", 2)  # timing 2 steps runs the same code as timing 20
     budget_args = ["--preset", "smoke", "--minutes", "2", "--data-root", mnist_root, "--out"]
     main.main(budget_args + [str(tmp_path / "budget")])
     [(minutes, seconds_so_far, seconds_per_step)] = measured
@@ -223,34 +256,34 @@ def test_a_time_budget_fixes_the_step_count_and_resumes_exactly(mnist_root, tmp_
     assert_same_weights(torch.load(tmp_path / "fixed" / "ckpt.pt", weights_only=True))
 
     # Ctrl-C at step 4, then the same command again: it resumes with the count it chose
-    calls, update_ema = [], main.update_ema
+    calls, update_ema = [], training.update_ema
 
     def interrupting_update_ema(*args):
         update_ema(*args)
         calls.append(1)
-        if len(calls) == runs.BUDGET_STEPS + 1 + 4:  # the timed steps, then 4 of the run
+        if len(calls) == training.BUDGET_STEPS + 1 + 4:  # the timed steps, then 4 of the run
             signal.raise_signal(signal.SIGINT)
-    monkeypatch.setattr(main, "update_ema", interrupting_update_ema)
+    monkeypatch.setattr(training, "update_ema", interrupting_update_ema)
     with pytest.raises(SystemExit) as stopped:
         main.main(budget_args + [str(tmp_path / "resumed")])
     assert stopped.value.code == 130
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
     main.main(budget_args + [str(tmp_path / "resumed")])
     assert len(measured) == 2  # no third timing: the count came from the checkpoint
-    assert_same_weights(torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True))
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 6
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_root, tmp_path, monkeypatch):
-    real_loss, calls = main.diffusion_loss, []
+    real_loss, calls = helper.diffusion_loss, []
 
     def loss_that_explodes(*args):
         calls.append(1)
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 6 else loss
 
-    monkeypatch.setattr(main, "diffusion_loss", loss_that_explodes)
+    monkeypatch.setattr(helper, "diffusion_loss", loss_that_explodes)
     with pytest.raises(runs.RunError, match="loss is nan at step 5"):  # one line, exit code 1
-        main.train(smoke_config(mnist_root, steps=8, checkpoint_every=4), str(tmp_path), progress=False)
+        training.train(smoke_config(mnist_root, steps=8, checkpoint_every=4), str(tmp_path), progress=False)
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert state["step"] == 4 and all(np.isfinite(state["losses"]))
 
@@ -310,8 +343,9 @@ def test_loadmodel_seed_reproduces_samples(trained, tmp_path):
 def test_loadmodel_compiled_sampling_matches_eager(trained, tmp_path):
     """--compile (frozen weights, inductor) changes the arithmetic's order, not the samples."""
     for flag in ("--no-compile", "--compile"):
-        loadmodel.main([str(trained / "ckpt.pt"), "--sampler", "ddim", "--steps", "5", "--num-samples", "4",
-                        flag, "--out", str(tmp_path / flag)])
+        with no_eager_fallback() if flag == "--compile" else contextlib.nullcontext():
+            loadmodel.main([str(trained / "ckpt.pt"), "--sampler", "ddim", "--steps", "5", "--num-samples", "4",
+                            flag, "--out", str(tmp_path / flag)])
     eager, compiled = (np.load(tmp_path / flag / "samples.npz")["arr_0"].astype(int)
                        for flag in ("--no-compile", "--compile"))
     assert np.abs(eager - compiled).max() <= 1 and eager.std() > 0
@@ -344,7 +378,7 @@ def assert_one_line_error(code, stderr, *fragments):
     (["main.py", "--set", "training.lr"], "--set wants SECTION.KEY=VALUE"),
     (["main.py", "--set", "training.nope=1"], "unknown config.training key 'nope'"),
     (["main.py", "--set", "training.lr=fast"], "config.training.lr must be float"),
-    (["main.py", "--set", "diffusion.prediction=score"], "unknown prediction 'score'"),
+    (["main.py", "--set", "diffusion.prediction=score"], "unknown diffusion.prediction 'score'"),
     (["loadmodel.py", "/nonexistent/ckpt.pt"], "does not exist"),
     (["loadmodel.py", "--num-samples", "0"], "must be positive"),
     (["loadmodel.py", "--sampler", "euler"], "invalid choice"),
@@ -358,7 +392,7 @@ def test_bad_arguments_get_one_line_and_exit_2(args, fragment, mnist_root):
 
 def test_missing_mnist_names_the_four_files(tmp_path):
     code, _, stderr = run_in_process("forwardprocess.py", "--data-root", str(tmp_path))
-    assert_one_line_error(code, stderr, "MNIST not found", *runs.MNIST_FILES)
+    assert_one_line_error(code, stderr, "MNIST not found", *data.MNIST_FILES)
 
 
 def test_non_checkpoint_and_truncated_files_are_refused(trained, tmp_path):
@@ -386,6 +420,21 @@ def test_checkpoint_with_incompatible_config_is_refused(trained, tmp_path):
     assert_one_line_error(code, stderr, "unknown checkpoint config.model key 'heads'")
 
 
+@pytest.mark.parametrize("section, key, value, fragment", [
+    ("training", "loss", "huber", "trained with training.loss, an option retired after commit b230bd5"),
+    ("diffusion", "prediction", "edm", "unknown diffusion.prediction 'edm'")])
+def test_checkpoints_of_retired_options_load_at_their_one_value_and_are_refused_at_another(
+        trained, tmp_path, section, key, value, fragment):
+    state = torch.load(trained / "ema.pt", weights_only=True)
+    state["config"]["training"].update(loss="mse", huber_delta=1.0, timesteps="uniform", channels_last=False)
+    torch.save(state, tmp_path / "before.pt")  # as commit b230bd5 wrote them
+    assert "loss" not in runs.load_checkpoint(str(tmp_path / "before.pt"))["config"]["training"]
+    state["config"][section][key] = value
+    torch.save(state, tmp_path / "retired.pt")
+    code, _, stderr = run_in_process("loadmodel.py", str(tmp_path / "retired.pt"))
+    assert_one_line_error(code, stderr, fragment)
+
+
 def test_benchmark_reports_throughput_flops_and_profile(tmp_path, monkeypatch):
     path = tmp_path / "bench.json"
     # the ceiling's matrix multiply at n = 1024, the same code as the 4096 a benchmark times
@@ -406,13 +455,35 @@ def test_benchmark_refuses_an_unknown_variant():
     assert_one_line_error(code, stderr, "unknown variant")
 
 
-def test_every_relative_link_in_readme_and_docs_points_to_a_file():
+def heading_anchors(path):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    import re
+    headings = re.findall(r"^#+ (.+)$", open(path).read(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def test_every_relative_link_in_readme_and_docs_points_to_a_file_and_its_anchor():
     import glob
     import re
     pages = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
     for page in pages:
-        text = open(page).read()
-        for target in re.findall(r"\]\(([^)#\s]+)", text):
-            if "://" in target:
+        for link in re.findall(r"\]\(([^)\s]+)\)", open(page).read()):
+            if "://" in link:
                 continue
-            assert os.path.exists(os.path.join(os.path.dirname(page), target)), f"{page}: {target}"
+            target, _, anchor = link.partition("#")
+            path = os.path.join(os.path.dirname(page), target) if target else page
+            assert os.path.exists(path), f"{page}: {link}"
+            assert not anchor or anchor in heading_anchors(path), f"{page}: {link}"
+
+
+def test_every_name_in_readmes_report_table_exists_in_the_code():
+    import re
+    table = open(os.path.join(REPO, "README.md")).read().split("## Reading the code beside the report")[1]
+    names = re.findall(r"`(\w+)\.(\w+)`", table.split("\n## ")[0])
+    assert len(names) > 30
+    instances = {"Schedule": Schedule.from_config(helper.get_config("smoke")["diffusion"]),
+                 "Model": Model.from_config(helper.get_config("smoke"))}
+    for module, name in names:
+        if name != "py":  # a file, `resnetblock.py`
+            owner = instances.get(module) or importlib.import_module(module)
+            assert hasattr(owner, name), f"{module}.{name}"

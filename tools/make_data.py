@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 import helper  # noqa: E402
 import runs  # noqa: E402
 
@@ -58,7 +59,7 @@ def write(images, labels, out):
     for i, image in enumerate(tqdm(images, desc=f"writing {out}", leave=False)):
         folder = out if labels is None else os.path.join(out, str(int(labels[i])))
         os.makedirs(folder, exist_ok=True)
-        Image.fromarray(runs.shown(image.permute(1, 2, 0).numpy())).save(os.path.join(folder, f"{i:05d}.png"))
+        Image.fromarray(data.shown(image.permute(1, 2, 0).numpy())).save(os.path.join(folder, f"{i:05d}.png"))
 
 
 def main(argv=None):
@@ -73,7 +74,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.size < 28:
         raise helper.UserError(f"--size must be at least 28, got {args.size}")
-    images, labels, _ = runs.load_data({"name": "mnist", "root": args.data_root, "image_size": 28})
+    images, labels, _ = data.load_data({"name": "mnist", "root": args.data_root, "image_size": 28})
     images, labels = make(images[:args.count], labels[:args.count], args.size, args.colour, args.seed)
     write(images, None if args.unlabelled else labels, args.out)
     print(f"wrote {len(images)} images {tuple(images.shape[1:])}{'' if args.unlabelled else ' with labels'} to {args.out}")
