@@ -101,9 +101,8 @@ def train_step(training, x_0, labels=None):
     (labels (B / processes,) for a conditional model): draws, loss, backward, clipping, update,
     EMAs. Returns this process's loss, a float."""
     tr = training.cfg["training"]
-    rows = training.processes.rows(len(x_0) * training.processes.count)
-    draws = draw(training.cfg, training.generator, (len(x_0) * training.processes.count, *x_0.shape[1:]), rows,
-                 labels)
+    B = len(x_0) * training.processes.count  # the global batch
+    draws = draw(training.cfg, training.generator, (B, *x_0.shape[1:]), training.processes.rows(B), labels)
     with runs.autocast(x_0.device.type, training.bf16):
         loss = training.loss_of(training.network, x_0, draws)
     training.optimizer.zero_grad(set_to_none=True)
@@ -184,11 +183,12 @@ def train(cfg, out, state=None, loss_of=None, start_from=None, processes=None, p
                                                              start_from)
     if state is not None:
         resume(training, state)
+    total_steps = total_steps_of(cfg)  # None until a time budget is fitted
     print(f"training {sum(p.numel() for p in training.model.parameters()) / 1e6:.2f}M parameters on {device}"
           f"{' (bf16 autocast)' if training.bf16 else ''}: steps {training.step} -> "
-          f"{total_steps_of(cfg) or 'what the time budget fits'}, {per_epoch} per epoch"
+          f"{total_steps or 'what the time budget fits'}, {per_epoch} per epoch"
           f"{'; compiling the network first (about a minute, less when cached)' if tr['compile'] else ''}")
-    total_steps = total_steps_of(cfg) or fit_budget(training, images, labels, started)
+    total_steps = total_steps or fit_budget(training, images, labels, started)
     ckpt_path, order, smoothed, tick = os.path.join(out, "ckpt.pt"), None, None, time.perf_counter()
     training.model.train()
     with StopRequest() as stop, tqdm(total=total_steps, initial=training.step, dynamic_ncols=True,
