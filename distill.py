@@ -99,7 +99,8 @@ def student_config(cfg, stage, steps, settings, minutes):
         "model": {"guidance_embedding": cfg["model"]["num_classes"] > 0},
         "distill": {"stage": stage, "steps": steps},
         "training": {"lr": lr, "warmup_steps": 0, "lr_decay": "cosine", "minutes": minutes, "steps": 0,
-                     "extra_ema_decays": []}})
+                     "extra_ema_decays": [], "guides": []},
+        "sampling": {"guide": ""}})  # a student learns classifier-free guidance
     if stage == "progressive":
         cfg = helper.merge_config(cfg, {"sampling": {
             "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})

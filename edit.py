@@ -82,7 +82,7 @@ def source_images(args, cfg):
     return images, labels
 
 
-def inpaint(args, model, cfg, device, out):
+def inpaint(args, model, cfg, device, out, guide):
     images, labels = source_images(args, cfg)
     if not 0 <= args.index or args.index + args.count > len(images):
         raise UserError(f"--index {args.index} with --count {args.count} runs past the {len(images)} held-out images")
@@ -102,7 +102,7 @@ def inpaint(args, model, cfg, device, out):
         return repaint(network, x_T, sched, x_known[part], known, cfg["diffusion"]["prediction"],
                        cfg["sampling"]["variance"], cfg["sampling"]["clip_x0"], generator, args.resample, progress)
     digits, _ = runs.sample_digits(model, cfg, len(x_known), args.seed, device, wanted, batch_size=args.batch_size,
-                                   desc="inpaint", sampler=fill)  # (count K, S, S, C)
+                                   desc="inpaint", sampler=fill, guide=guide)  # (count K, S, S, C)
     arrays = {"arr_0": digits} if requested is None else {"arr_0": digits, "labels": requested.numpy()}
     np.savez(os.path.join(out, "inpainted.npz"), **arrays)
 
@@ -119,7 +119,7 @@ def inpaint(args, model, cfg, device, out):
     print(f"wrote inpaint.png and inpainted.npz {digits.shape} (labels: {said}) to {out}")
 
 
-def interpolate(args, model, cfg, device, out):
+def interpolate(args, model, cfg, device, out, guide):
     cfg = helper.with_sampling(cfg, eta=0.0)  # deterministic: the strip is a function of the noise
     size, F = cfg["data"]["image_size"], args.frames
     shape = (args.pairs, cfg["data"]["channels"], size, size)
@@ -127,7 +127,7 @@ def interpolate(args, model, cfg, device, out):
     fractions = torch.linspace(0, 1, F)
     x_T = torch.cat([slerp(z_0, z_1, a) for a in fractions.tolist()])  # (F P, C, S, S), frame-major
     labels = runs.requested_labels(args.digit, len(x_T), cfg)
-    samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device))
+    samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device, labels=labels, x_T=x_T.to(device), guide=guide)
     images = data.to_digits(samples)  # (F P, S, S, C)
     strips = images.reshape(F, args.pairs, *images.shape[1:]).swapaxes(0, 1)  # (P, F, S, S, C)
     what = "" if args.digit is None else f", digit {args.digit}"
@@ -139,7 +139,7 @@ def interpolate(args, model, cfg, device, out):
     if classes:  # the same noises with every label: what the noise itself encodes
         x_T = z_0.repeat_interleave(classes, 0)  # (P classes, C, S, S)
         samples = runs.sample(model, cfg, len(x_T), args.seeds[0], device,
-                              labels=torch.arange(classes).repeat(args.pairs), x_T=x_T.to(device))
+                              labels=torch.arange(classes).repeat(args.pairs), x_T=x_T.to(device), guide=guide)
         images = data.to_digits(samples)
         rows = images.reshape(args.pairs, classes, *images.shape[1:])
         data.save_rows(rows, os.path.join(out, "labels.png"), None, [str(d) for d in range(classes)],
@@ -155,7 +155,8 @@ def parse_args(argv=None):
     common.add_argument("checkpoint", nargs="?",
                         help="checkpoint written by main.py (default: out/ckpt.pt, else the shipped weights)")
     common.add_argument("--digit", type=runs.digit_choice, help="conditional checkpoints: the digit to ask for")
-    common.add_argument("--guidance", type=float, help="classifier-free guidance w (default: the checkpoint's)")
+    common.add_argument("--guidance", type=float, help="guidance w (default: the checkpoint's)")
+    common.add_argument("--guide", help=runs.GUIDE_HELP)
     common.add_argument("--steps", type=runs.positive_int, help="network evaluations (default: the checkpoint's)")
     common.add_argument("--compile", action="store_true", help="sample with the compiled network")
     common.add_argument("--out", help="output directory (default: the checkpoint's)")
@@ -191,10 +192,13 @@ def main(argv=None):
     if args.digit == "all":
         raise UserError("--digit all is for loadmodel.py; edit.py asks for one digit")
     sampler = "ddpm" if args.command == "inpaint" else args.sampler
-    cfg = runs.with_sampling_flags(cfg, args.guidance, sampler=sampler, steps=args.steps, compile=args.compile or None)
+    cfg = runs.with_sampling_flags(cfg, args.guidance, guide=args.guide, sampler=sampler, steps=args.steps,
+                                   compile=args.compile or None)
     out = runs.output_folder(args.out, checkpoint)
     os.makedirs(out, exist_ok=True)
-    (inpaint if args.command == "inpaint" else interpolate)(args, model, cfg, device, out)
+    (inpaint if args.command == "inpaint" else interpolate)(args, model, cfg, device, out,
+                                                            runs.load_guide(runs.guide_path(args.guide, cfg, checkpoint),
+                                                                            cfg, device))
 
 
 if __name__ == "__main__":

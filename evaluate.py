@@ -223,29 +223,32 @@ def read_npz(path, name, root):
     return images.images.movedim(1, -1).numpy(), images.labels, data_cfg
 
 
-def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None):
+def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None, guide=None):
     """Sample num_samples digits with the given sampler (guided towards `labels` (N,) for a
-    conditional model); returns uint8 (N, S, S, C) and seconds."""
+    conditional model, by `guide` if given); returns uint8 (N, S, S, C) and seconds."""
     cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
     start = time.perf_counter()
-    digits, _ = runs.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}")
+    digits, _ = runs.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}",
+                                   guide=guide)
     return digits, time.perf_counter() - start
 
 
-def warm_up(model, cfg, guidances, n, seed, device, labels=None):
-    """Compile the sampling network before the timed rows, once for each batch shape they call
-    it with: B = min(n, SAMPLE_BATCH) images for an unguided call (an unconditional model, w = 0
-    or 1, and the steps outside a guidance interval), 2B for a guided one (w not 0 or 1: the
-    requested and the null labels in one pass). A last batch smaller than B compiles when it comes."""
+def warm_up(model, cfg, guidances, n, seed, device, labels=None, guide=None):
+    """Compile the sampling network (and its guide) before the timed rows, once for each batch
+    shape they call it with: B = min(n, SAMPLE_BATCH) images for an unguided call (an unconditional
+    model, w = 0 or 1, and the steps outside a guidance interval) and for autoguidance (the network
+    and the guide at B each), 2B for classifier-free guidance (w not 0 or 1: the requested and the
+    null labels in one pass). A last batch smaller than B compiles when it comes."""
     start, batch = time.perf_counter(), min(n, runs.SAMPLE_BATCH)
-    weight_of_call = {}  # network batch -> a guidance weight whose calls have that batch
+    # network batch -> a guidance weight whose calls have that batch (w = 1 calls no guide)
+    weight_of_call = {batch: 1.0} if cfg["sampling"]["guidance_interval"] else {}
     for w in (cfg["sampling"]["guidance"] if w is None else w for w in guidances):
-        weight_of_call[2 * batch if labels is not None and w not in (0, 1) else batch] = w
-    if cfg["sampling"]["guidance_interval"]:
-        weight_of_call[batch] = 1.0
+        call = 2 * batch if labels is not None and guide is None and w not in (0, 1) else batch
+        if weight_of_call.get(call, 1.0) == 1.0:
+            weight_of_call[call] = w
     for w in weight_of_call.values():
         warm = helper.with_sampling(cfg, guidance=w, guidance_interval=[])
-        generate(model, warm, "ddim", 1, batch, seed, device, None if labels is None else labels[:batch])
+        generate(model, warm, "ddim", 1, batch, seed, device, None if labels is None else labels[:batch], guide)
     print(f"compiled the sampling network for network batches of {' and '.join(map(str, sorted(weight_of_call)))} "
           f"in {time.perf_counter() - start:.0f} s")
 
@@ -322,6 +325,7 @@ def parse_args(argv=None):
     parser.add_argument("--spacing", choices=helper.SPACINGS,
                         help="which levels a sampler of fewer than T steps keeps (default: the checkpoint's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
+    parser.add_argument("--guide", help=runs.GUIDE_HELP)
     parser.add_argument("--ema", type=float, metavar="DECAY",
                         help="score the EMA of this decay, one of training.extra_ema_decays (default: ema_decay's)")
     parser.add_argument("--num-samples", type=runs.positive_int, default=10000, help="samples to score")
@@ -353,12 +357,12 @@ def main(argv=None):
     args = parse_args(argv)
     is_npz = args.input.endswith(".npz")
     if is_npz and (args.sweep or args.sampler or args.steps or args.guidance or args.eta is not None
-                   or args.spacing or args.guidance_interval or args.ema is not None or args.labels):
-        raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema, --labels and --guidance(-interval) "
-                        "need a checkpoint, not an .npz")
+                   or args.spacing or args.guidance_interval or args.ema is not None or args.labels or args.guide):
+        raise UserError("--sweep, --sampler, --steps, --eta, --spacing, --ema, --labels, --guide and "
+                        "--guidance(-interval) need a checkpoint, not an .npz")
     device = runs.resolve_device(args.device)
     if is_npz:
-        model, cfg = None, None
+        model, cfg, guide, guide_file = None, None, None, None
         digits, labels, data_cfg = read_npz(args.input, data.data_name(args.data),
                                             args.data_root or helper.config["data"]["root"])
     else:
@@ -371,8 +375,10 @@ def main(argv=None):
         raise UserError("--labels needs a conditional checkpoint (python main.py --conditional); this one is not")
     guidances = args.guidance or [None]
     if not is_npz:
-        cfg = runs.with_sampling_flags(cfg, guidances[0], args.guidance_interval, compile=args.compile, eta=args.eta,
-                                  spacing=args.spacing)
+        cfg = runs.with_sampling_flags(cfg, guidances[0], args.guidance_interval, args.guide, compile=args.compile,
+                                       eta=args.eta, spacing=args.spacing)
+        guide_file = runs.guide_path(args.guide, cfg, args.input)
+        guide = runs.load_guide(guide_file, cfg, device)
     classifier, accuracy, classes = load_or_train_classifier(args.classifier or classifier_path(data_cfg), data_cfg)
     name = "MNIST" if data_cfg["name"] == "mnist" else os.path.basename(os.path.normpath(data_cfg["name"]))
     print(f"feature classifier: {accuracy:.2%} {name} held-out accuracy"
@@ -393,11 +399,11 @@ def main(argv=None):
         settings = SWEEP if args.sweep else [(args.sampler or cfg["sampling"]["sampler"],
                                           cfg["sampling"]["steps"] if args.steps is None else args.steps)]
         if cfg["sampling"]["compile"]:
-            warm_up(model, cfg, guidances, n, args.seed, device, labels)
+            warm_up(model, cfg, guidances, n, args.seed, device, labels, guide)
         for sampler, steps in settings:
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
-                samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels)
+                samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels, guide)
                 nfe = runs.sampler_evaluations(sampler, runs.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
@@ -410,7 +416,10 @@ def main(argv=None):
                 if cfg["sampling"]["spacing"] != helper.config["sampling"]["spacing"]:
                     row["spacing"] = cfg["sampling"]["spacing"]
                     row["name"] += f", {row['spacing']} spacing"
-                if labels is not None:
+                if guide is not None:
+                    row["guide"] = guide_file
+                    row["name"] += f", autoguided by {os.path.basename(guide_file)}"
+                if labels is not None or guide is not None:
                     row["guidance"] = row_cfg["sampling"]["guidance"]
                     row["name"] += f", w = {row['guidance']:g}"
                     if row_cfg["sampling"]["guidance_interval"]:

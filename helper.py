@@ -61,6 +61,8 @@ config = {
         "bf16": "auto",            # bf16 autocast: auto (CPU with AMX/AVX512-bf16, or CUDA), on, off
         "compile": False,          # torch.compile the training network (inductor)
         "checkpoint_every": 1000,  # optimiser steps between checkpoints
+        "guides": [],              # fractions of the run's steps at which the EMA is saved as out/guide-F.pt,
+                                   # a guide for autoguidance (--guide; docs/quality.md)
         "device": "auto",          # auto: cuda if available, else cpu
     },
     "sampling": {
@@ -70,8 +72,10 @@ config = {
         "variance": "beta",        # ddpm sigma_t^2: beta (the report's) or beta_tilde
         "eta": 0.0,                # ddim, dpm++, heun noise: 0 deterministic (the ODE), 1 DDPM-like / EDM's most churn
         "clip_x0": False,          # clip the implied x_0 to [-1, 1] at every step
-        "guidance": 1.5,           # classifier-free guidance w: 0 unconditional, 1 conditional, >1 guided
+        "guidance": 1.5,           # guidance w: 0 unconditional (or the guide alone), 1 conditional, >1 guided
                                    # (the least w whose samples are the requested digit; docs/control.md)
+        "guide": "",               # autoguidance's guide (Karras et al. 2024), a weights file beside the checkpoint
+                                   # (training.guides saves them); "": classifier-free guidance (docs/quality.md)
         "guidance_interval": [],   # [lo, hi]: guide only where sigma = sqrt((1 - alpha_bar) / alpha_bar)
                                    # lies in (lo, hi], w = 1 elsewhere (Kynkäänniemi et al. 2024); []: everywhere
         "compile": False,          # torch.compile the sampling network, weights frozen (see benchmark.py)
@@ -94,7 +98,8 @@ presets = {
     "paper-zero-snr": {"diffusion": {"zero_terminal_snr": True, "prediction": "v"}},
     # The best samples a 2-core CPU gets from `python main.py` in 30 minutes (docs/quality.md):
     # conditional, since guidance beats unconditional sampling at the same budget (docs/control.md);
-    # EDM's stochastic sampler with the most churn, w = 1.1 for FID against precision; one res
+    # EDM's stochastic sampler with the most churn, autoguided by the run's EMA at 1/16 of its steps
+    # at w = 1.2, better in FID and precision than classifier-free guidance (docs/quality.md); one res
     # block per level, attention at the bottleneck only and eager bf16: each buys steps (docs/speed.md).
     "cpu": {
         "model": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
@@ -102,8 +107,9 @@ presets = {
         "diffusion": {"T": 1000, "schedule": "cosine", "prediction": "v"},
         "training": {"batch_size": 128, "minutes": 30.0, "optimizer": "adamw", "lr": 2e-3,
                      "warmup_steps": 100, "lr_decay": "cosine", "grad_clip": 1.0,
-                     "ema_decay": 0.995, "min_snr_gamma": 5.0, "checkpoint_every": 250},
-        "sampling": {"sampler": "heun", "steps": 20, "eta": 1.0, "guidance": 1.1, "clip_x0": True},
+                     "ema_decay": 0.995, "min_snr_gamma": 5.0, "checkpoint_every": 250, "guides": [0.0625]},
+        "sampling": {"sampler": "heun", "steps": 20, "eta": 1.0, "guidance": 1.2, "guide": "guide-0.0625.pt",
+                     "clip_x0": True},
     },
     # Seconds-long runs for tests.
     "smoke": {
@@ -208,6 +214,7 @@ def validate_config(cfg):
     check(0.0 <= m["dropout"] < 1.0, "model.dropout must be in [0, 1)")
     for (section, key), allowed in CHOICES.items():
         check(cfg[section][key] in allowed, f"unknown {section}.{key} '{cfg[section][key]}' (choose from {allowed})")
+    check(all(type(f) in (int, float) and 0 < f < 1 for f in tr["guides"]), "training.guides must be fractions in (0, 1)")
     check(all(type(d) in (int, float) and 0 <= d < 1 for d in tr["extra_ema_decays"]),
           "training.extra_ema_decays must be numbers in [0, 1)")
     check(not (d["zero_terminal_snr"] and d["prediction"] == "eps"),
@@ -608,21 +615,26 @@ def heun_sample(model, x_T, sched, prediction="eps", eta=0.0, clip_x0=False,
 
 
 class Guided(torch.nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022 eq. 6) around a conditional network, as the
-    plain model(x_t, t) every sampler calls: towards the labels y (B,) with weight w,
-        output = output(x_t, t, null) + w (output(x_t, t, y) - output(x_t, t, null)),
-    so w = 0 is unconditional, w = 1 conditional, w > 1 guided. Every parameterisation is affine
-    in the output at fixed x_t, so this combines the implied eps and x_0 alike. Both passes are
-    one call of batch 2B. guided_at (T,) bool limits guidance to the marked timesteps
-    (Kynkäänniemi et al. 2024; w = 1 elsewhere). A guidance-distilled student (takes_w) is
-    called once, with w as its input."""
+    """Guidance around a network, as the plain model(x_t, t) every sampler calls: with weight w,
+        output = guide's output + w (network's output - guide's output)      (guided_output),
+    where the guide is either
+    - the network itself without the labels (classifier-free guidance, Ho & Salimans 2022 eq. 6):
+      output(x_t, t, null) + w (output(x_t, t, y) - output(x_t, t, null)) towards the labels y (B,),
+      so w = 0 is unconditional, w = 1 conditional, w > 1 guided; both passes are one call of 2B;
+    - or `guide`, a weaker network (autoguidance, Karras et al. 2024 §4: a less-trained snapshot of
+      the same run) conditioned like the network, on y or, for unconditional models, on nothing:
+      output(x_t, t, y) + w (output(x_t, t, y) - guide(x_t, t, y)), two calls of B.
+    Every parameterisation is affine in the output at fixed x_t, so this combines the implied eps and
+    x_0 alike. guided_at (T,) bool limits guidance to the marked timesteps (Kynkäänniemi et al. 2024;
+    w = 1 elsewhere). A guidance-distilled student (takes_w) is called once, with w as its input."""
 
-    def __init__(self, network, labels, guidance, null_label, guided_at=None, takes_w=False):
+    def __init__(self, network, labels, guidance, null_label, guided_at=None, takes_w=False, guide=None):
         super().__init__()
         self.network, self.labels, self.guidance, self.guided_at = network, labels, guidance, guided_at
-        self.null, self.takes_w = torch.full_like(labels, null_label), takes_w
+        self.guide, self.takes_w = guide, takes_w
+        self.null = None if labels is None else torch.full_like(labels, null_label)
         # once for the batch, not at every step: w = 0 or all labels null need the null pass alone
-        self.unconditional = guidance == 0 or bool((labels == null_label).all())
+        self.unconditional = guide is None and (guidance == 0 or bool((labels == null_label).all()))
 
     def forward(self, x_t, t):
         w = self.guidance if self.guided_at is None or self.guided_at[int(t[0])] else 1.0
@@ -633,6 +645,8 @@ class Guided(torch.nn.Module):
             return self.network(x_t, t, self.null)
         if w == 1:
             return self.network(x_t, t, self.labels)
+        if self.guide is not None:
+            return guided_output(self.network(x_t, t, self.labels).float(), self.guide(x_t, t, self.labels).float(), w)
         return guided_output(*conditional_and_unconditional(self.network, x_t, t, self.labels, self.null), w)
 
 
@@ -643,8 +657,9 @@ def conditional_and_unconditional(network, x_t, t, labels, null):
     return both.float().chunk(2)  # (2B, ...) -> 2 x (B, ...)
 
 
-def guided_output(conditional, unconditional, w):
-    """Ho & Salimans 2022 eq. 6 on the network's outputs, w a number or (B, 1, 1, 1): what Guided
-    samples with, and the target a guidance-distilled student learns in one pass (Meng et al.
-    2023 eq. 6)."""
-    return unconditional + w * (conditional - unconditional)
+def guided_output(output, guide_output, w):
+    """The guided output from the network's output and its guide's, w a number or (B, 1, 1, 1):
+    Ho & Salimans 2022 eq. 6 with the unconditional output as the guide, Karras et al. 2024's
+    autoguidance with a weaker network's (Guided). With the unconditional guide it is also the
+    target a guidance-distilled student learns in one pass (Meng et al. 2023 eq. 6)."""
+    return guide_output + w * (output - guide_output)

@@ -3,7 +3,7 @@ per-step denoising trajectories (a figure and an animated GIF), a sample grid an
 as .npz. A conditional checkpoint (the cpu preset's) draws each digit in turn, or the one asked
 for, with classifier-free guidance; at guidance w = 0 it samples unconditionally.
 
-    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--guidance-interval LO HI]
+    python loadmodel.py [CHECKPOINT] [--digit D|all] [--guidance W] [--guidance-interval LO HI] [--guide GUIDE]
                         [--sampler S] [--steps N] [--eta E]
                         [--num-samples N] [--batch-size B] [--seed S] [--compile] [--out DIR]
 """
@@ -32,6 +32,7 @@ def parse_args(argv=None):
                         help="classifier-free guidance w: output = uncond + w (cond - uncond); 0 unconditional, "
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
+    parser.add_argument("--guide", help=runs.GUIDE_HELP)
     parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=runs.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
@@ -79,8 +80,9 @@ def main(argv=None):
     device = runs.resolve_device(args.device)
     checkpoint = runs.default_checkpoint(args.checkpoint)
     model, cfg = runs.load_ema_model(checkpoint, device)
-    cfg = runs.with_sampling_flags(cfg, args.guidance, args.guidance_interval, sampler=args.sampler, steps=args.steps,
-                              eta=args.eta, compile=args.compile)
+    cfg = runs.with_sampling_flags(cfg, args.guidance, args.guidance_interval, args.guide, sampler=args.sampler,
+                                   steps=args.steps, eta=args.eta, compile=args.compile)
+    guide = runs.load_guide(runs.guide_path(args.guide, cfg, checkpoint), cfg, device)
     digit = args.digit
     if digit is None and cfg["model"]["num_classes"] and cfg["sampling"]["guidance"] > 0:
         digit = "all"  # a conditional model draws each digit in turn; w = 0 samples unconditionally
@@ -91,14 +93,17 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     s = cfg["sampling"]
     which = "each digit in turn" if digit == "all" else f"digit {digit}"
-    wanted = "" if labels is None else f" of {which}, guidance w = {s['guidance']},"
+    wanted = "" if labels is None else f" of {which},"
+    if labels is not None or guide is not None:
+        wanted += f" {'autoguidance' if guide is not None else 'guidance'} w = {s['guidance']},"
     noise = f", eta = {s['eta']:g}" if s["eta"] > 0 and s["sampler"] != "ddpm" else ""
     print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps{noise}), "
           f"seed {args.seed}, {args.batch_size} at a time")
 
     per_row = n // classes if digit == "all" else None
     shown = list(range(0, n, per_row)) if per_row else list(range(min(n, 8)))  # rows of trajectory.png
-    digits, trajectory = runs.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size)
+    digits, trajectory = runs.sample_digits(model, cfg, n, args.seed, device, labels, shown, args.batch_size,
+                                            guide=guide)
 
     row_labels = None if labels is None else [f"digit {labels[i]}" for i in shown]
     save_trajectory_figure(trajectory, os.path.join(out, "trajectory.png"), row_labels)

@@ -94,6 +94,11 @@ def save_checkpoint(state, path):
                        f"unchanged") from None
 
 
+def save_weights(ema, cfg, step, path):
+    """A weights file: the EMA network, its step and config (SAMPLING_KEYS), all that sampling reads."""
+    save_checkpoint({"config": cfg, "step": step, "ema": ema.state_dict()}, path)
+
+
 CHECKPOINT_KINDS = {"model": dict, "ema": dict, "optimizer": dict, "step": int, "config": dict, "rng": dict,
                     "losses": list, "lrs": list}
 SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a released weights file holds
@@ -183,11 +188,13 @@ def pid_alive(pid):
     return True
 
 
-def with_sampling_flags(cfg, guidance=None, guidance_interval=None, **chosen):
+def with_sampling_flags(cfg, guidance=None, guidance_interval=None, guide=None, **chosen):
     """cfg with the sampling flags given (None keeps the checkpoint's); --guidance and
-    --guidance-interval only for a conditional checkpoint."""
-    if (guidance is not None or guidance_interval is not None) and cfg["model"]["num_classes"] == 0:
-        raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional); this one is not")
+    --guidance-interval only for a conditional checkpoint or with a --guide."""
+    guided = guide not in (None, "none")
+    if (guidance is not None or guidance_interval is not None) and cfg["model"]["num_classes"] == 0 and not guided:
+        raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional) or a --guide; "
+                        "this one is neither")
     return helper.with_sampling(cfg, guidance=guidance, guidance_interval=guidance_interval, **chosen)
 
 
@@ -205,6 +212,38 @@ def load_ema_model(path, device, decay=None):
         weights = {name[len(prefix):]: w for name, w in state["extra_emas"].items() if name.startswith(prefix)}
     load_weights(model, weights)
     return model.to(device).eval(), cfg
+
+
+def guide_path(flag, cfg, checkpoint):
+    """Autoguidance's guide file: --guide, else the checkpoint's sampling.guide beside it; None for
+    classifier-free guidance (--guide none, or a config without a guide)."""
+    if flag:
+        return None if flag == "none" else flag
+    if not cfg["sampling"]["guide"]:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), cfg["sampling"]["guide"])
+    if not os.path.exists(path):
+        raise UserError(f"'{checkpoint}' samples autoguided by {cfg['sampling']['guide']} beside it, which is not "
+                        f"there; --guide none samples with classifier-free guidance instead")
+    return path
+
+
+def load_guide(path, cfg, device):
+    """Autoguidance's guide (helper.Guided), or None without a path: the EMA network of a weights
+    file (main.py's out/guide-F.pt snapshots, or another run's ema.pt) that denoises the data of cfg's
+    network on the same schedule, conditioned alike."""
+    if path is None:
+        return None
+    if cfg["model"]["guidance_embedding"]:
+        raise UserError("a guidance-distilled student takes w as its input: it cannot be guided by --guide")
+    guide, guide_cfg = load_ema_model(path, device)
+    for section, key in [("data", "image_size"), ("data", "channels"), ("model", "num_classes"),
+                         ("model", "guidance_embedding"), ("diffusion", None)]:
+        ours, theirs = (c[section] if key is None else c[section][key] for c in (cfg, guide_cfg))
+        if ours != theirs:
+            raise UserError(f"the guide '{path}' cannot guide this checkpoint: its {section}{'.' + key if key else ''} "
+                            f"is {theirs}, not {ours}")
+    return guide
 
 
 def default_checkpoint(path):
@@ -229,21 +268,22 @@ def output_folder(out, checkpoint):
 # ----------------------------------------------------------------------------------------
 # Drawing samples: the sampler a config names, the network as it calls it, in batches of bounded memory.
 
-def guided_network(network, cfg, labels):
+def guided_network(network, cfg, labels, guide=None):
     """The network as the samplers call it, model(x_t, t): for a conditional model, Guided
     towards `labels` (B,) with cfg's weight and interval (labels None: the null label, i.e.
-    unconditional samples); an unconditional model as it is."""
+    unconditional samples), by its unconditional output or by `guide` (autoguidance); an
+    unconditional model guided by `guide`, or as it is."""
     num_classes = cfg["model"]["num_classes"]
     if labels is not None and num_classes == 0:
         raise UserError("this checkpoint is unconditional: it cannot be asked for a digit")
-    if num_classes == 0:
+    if num_classes == 0 and guide is None:
         return network
     guided_at, interval = None, cfg["sampling"]["guidance_interval"]
     if interval:
         sigmas = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
         guided_at = (sigmas > interval[0]) & (sigmas <= interval[1])
     return helper.Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at,
-                  takes_w=cfg["model"]["guidance_embedding"])
+                         takes_w=cfg["model"]["guidance_embedding"], guide=guide)
 
 
 def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=True):
@@ -301,27 +341,28 @@ def requested_labels(digit, num_samples, cfg):
     return torch.arange(classes).repeat_interleave(num_samples // classes)
 
 
-def sampling_network(model, cfg, labels):
+def sampling_network(model, cfg, labels, guide=None):
     """The network as the samplers call it, model(x_t, t): eval mode, compiled when
-    sampling.compile is set, and guided towards `labels` (B,) (guided_network)."""
-    model.eval()
-    if cfg["sampling"]["compile"]:
-        model = compile_network(model, frozen=True, layouts=True)  # no backward: channels-last convolutions pay
-    return guided_network(model, cfg, labels)
+    sampling.compile is set (its guide too), and guided towards `labels` (B,) (guided_network)."""
+    networks = [network.eval() for network in (model, guide) if network is not None]
+    if cfg["sampling"]["compile"]:  # no backward: channels-last convolutions pay
+        networks = [compile_network(network, frozen=True, layouts=True) for network in networks]
+    return guided_network(networks[0], cfg, labels, *networks[1:])
 
 
 def sample(model, cfg, num_samples, seed, device, labels=None, x_T=None, trajectory_of=None, progress=True,
-           sampler=None):
+           sampler=None, guide=None):
     """Draw x_T ~ N(0, I) with `seed` (unless x_T is given) and run the sampler cfg["sampling"]
     names, or `sampler(network, x_T, generator, progress) -> x_0` if given (edit.py's RePaint);
-    a conditional model is guided towards `labels` (B,), or samples unconditionally."""
+    a conditional model is guided towards `labels` (B,), or samples unconditionally; `guide`,
+    a weaker network, guides in place of the unconditional output (autoguidance)."""
     generator = torch.Generator(device).manual_seed(seed)
     size = cfg["data"]["image_size"]
     if x_T is None:
         x_T = torch.randn(num_samples, cfg["data"]["channels"], size, size, generator=generator, device=device)
     if labels is None and cfg["model"]["num_classes"] > 0:
         labels = torch.full((len(x_T),), cfg["model"]["num_classes"], dtype=torch.long)
-    network = sampling_network(model, cfg, None if labels is None else labels.to(device))
+    network = sampling_network(model, cfg, None if labels is None else labels.to(device), guide)
     with autocast(device, use_bf16(cfg, device)):
         if sampler is not None:
             return sampler(network, x_T, generator, progress)
@@ -332,12 +373,12 @@ SAMPLE_BATCH = 500  # digits per batch when sampling many: larger CPU batches lo
 
 
 def sample_digits(model, cfg, num_samples, seed, device, labels=None, trajectory_of=(), batch_size=SAMPLE_BATCH,
-                  desc="sampling", sampler=None):
+                  desc="sampling", sampler=None, guide=None):
     """num_samples digits drawn batch by batch (batch k seeded seed + k), so memory does not grow
     with N: returns uint8 digits (N, S, S, C) and the trajectories (K, S+1, C, H, W) of the
     samples indexed by trajectory_of (None when it is empty). `sampler(network, x_T, generator,
     progress, part) -> x_0`, if given, replaces cfg's sampler; `part` is the slice of the N digits
-    in the batch, to pair them with inputs of their own."""
+    in the batch, to pair them with inputs of their own. `guide`: as sample's."""
     digits, trajectories = [], []
     starts = range(0, num_samples, batch_size)
     for k, first in enumerate(tqdm(starts, desc=desc, leave=False, disable=len(starts) == 1)):
@@ -345,7 +386,8 @@ def sample_digits(model, cfg, num_samples, seed, device, labels=None, trajectory
         keep = torch.tensor([i - first for i in trajectory_of if first <= i < first + n], dtype=torch.long)
         out = sample(model, cfg, n, seed + k, device, None if labels is None else labels[first:first + n],
                      trajectory_of=keep if len(keep) else None, progress=len(starts) == 1,
-                     sampler=None if sampler is None else functools.partial(sampler, part=slice(first, first + n)))
+                     sampler=None if sampler is None else functools.partial(sampler, part=slice(first, first + n)),
+                     guide=guide)
         if len(keep):
             out, trajectory = out
             trajectories.append(trajectory)
@@ -438,6 +480,10 @@ def digit_choice(text):
 
 ETA_HELP = ("ddim, dpm++ and heun noise: 0 deterministic (the ODE), 1 DDPM-like or, for heun, EDM's most "
             "churn (default: the checkpoint's)")
+GUIDE_HELP = ("autoguidance: guide by this weaker network instead of the unconditional output, "
+              "output = guide + w (network - guide); a weights file of the same data and schedule, e.g. "
+              "main.py's out/guide-F.pt snapshot of the run; none: classifier-free guidance (default: the "
+              "checkpoint's sampling.guide beside it, the cpu preset's guide-0.0625.pt)")
 INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI], "
                  "w = 1 elsewhere (default: the checkpoint's; none: everywhere)")
 

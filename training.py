@@ -216,6 +216,7 @@ def train(cfg, out, state=None, loss_of=None, start_from=None, processes=None, p
                             refresh=False)
             tick = now
             bar.update(1)
+            save_guides(training, out, total_steps)
             if checkpoint_due(training.step, total_steps, tr["checkpoint_every"]) or signum:
                 checkpoint(training, out)
             if signum:
@@ -245,6 +246,14 @@ def checkpoint(training, out):
         runs.save_checkpoint(training.state_dict(), os.path.join(out, "ckpt.pt"))
         device = training.generator.device.type
         save_preview(training.ema, training.cfg, device, os.path.join(out, f"samples_step{training.step}.png"))
+
+
+def save_guides(training, out, total_steps):
+    """Autoguidance's guides (Karras et al. 2024): the EMA at each training.guides fraction of the
+    run's steps, as out/guide-F.pt, a weights file like ema.pt."""
+    for fraction in training.cfg["training"]["guides"]:
+        if training.step == max(1, round(fraction * total_steps)) and training.processes.rank == 0:
+            runs.save_weights(training.ema, training.cfg, training.step, os.path.join(out, f"guide-{fraction:g}.pt"))
 
 
 def stopped(signum, step, ckpt_path, processes):
@@ -352,12 +361,13 @@ def finish(ema, losses, lrs, cfg, out, start):
     """The end of a run: the EMA weights alone (what sampling needs, a third of ckpt.pt), the
     loss curve and a grid of samples."""
     print(f"trained in {(time.perf_counter() - start) / 60:.1f} min; checkpoint {os.path.join(out, 'ckpt.pt')}")
-    runs.save_checkpoint({"config": cfg, "step": len(losses), "ema": ema.state_dict()}, os.path.join(out, "ema.pt"))
+    runs.save_weights(ema, cfg, len(losses), os.path.join(out, "ema.pt"))
     save_loss_curve(losses, lrs, os.path.join(out, "loss.png"))
     num_samples, num_classes = cfg["sampling"]["num_samples"], cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None  # a conditional grid: digit per column
-    samples = runs.sample(ema, cfg, num_samples, seed=0, device=runs.resolve_device(cfg["training"]["device"]),
-                          labels=labels)
+    device = runs.resolve_device(cfg["training"]["device"])
+    guide = runs.load_guide(runs.guide_path(None, cfg, os.path.join(out, "ema.pt")), cfg, device)
+    samples = runs.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, guide=guide)
     data.save_grid(data.to_digits(samples), os.path.join(out, "samples.png"),
                    nrow=num_classes or int(math.sqrt(num_samples)))
     print(f"wrote {', '.join(os.path.join(out, name) for name in ('ema.pt', 'samples.png', 'loss.png'))}")

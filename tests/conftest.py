@@ -55,10 +55,12 @@ def trained(tmp_path_factory, mnist_root):
 
 @pytest.fixture(scope="session")
 def conditional_run(tmp_path_factory, mnist_root):
-    """The same with `--conditional`: a smoke model that learns the digit too."""
+    """The same with `--conditional`: a smoke model that learns the digit too, and saves its EMA
+    halfway as guide-0.5.pt (autoguidance's guide)."""
     import main
     out = tmp_path_factory.mktemp("conditional")
-    main.main(["--preset", "smoke", "--conditional", "--data-root", mnist_root, "--out", str(out)])
+    main.main(["--preset", "smoke", "--conditional", "--data-root", mnist_root, "--out", str(out),
+               "--set", "training.guides=[0.5]"])
     return out
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import distill
 import edit
 import evaluate
 import helper
@@ -124,6 +125,93 @@ def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
     assert not torch.equal(plain(x, torch.full((4,), 5)), conditional(x, torch.full((4,), 5)))
 
 
+def test_autoguidance_is_the_network_plus_w_times_its_difference_from_the_guide():
+    """Karras et al. 2024: output(x_t, t, y) + w (output(x_t, t, y) - guide(x_t, t, y)), the guide
+    conditioned like the network; w = 1 is the network alone, and a guide equal to the network
+    leaves it unchanged at any w. An unconditional network is guided the same way."""
+    model, cfg = conditional_model()
+    guide, _ = conditional_model(seed=1)
+    x, t = inputs()
+    y = torch.tensor([3, 7, 1, 9])
+    calls = []
+
+    def counting(network):
+        def call(x_t, t_, labels):
+            calls.append(network)
+            return network(x_t, t_, labels)
+        return call
+
+    with torch.no_grad():
+        main_out, guide_out = model(x, t, y), guide(x, t, y)
+        assert (main_out - guide_out).abs().max() > 1e-2  # the two networks differ
+        for w in (0.0, 2.5):
+            torch.testing.assert_close(helper.Guided(model, y, w, 10, guide=guide)(x, t),
+                                       guide_out + w * (main_out - guide_out), rtol=0, atol=0)
+            torch.testing.assert_close(helper.Guided(model, y, w, 10, guide=model)(x, t), main_out,
+                                       rtol=1e-6, atol=1e-6)
+        assert torch.equal(helper.Guided(counting(model), y, 1.0, 10, guide=counting(guide))(x, t), main_out)
+        assert calls == [model]  # w = 1: the guide is not called
+        unconditional = Model.from_config(helper.get_config("smoke")).eval()
+        other = Model.from_config(helper.get_config("smoke")).eval()
+        network = runs.guided_network(unconditional, helper.with_sampling(helper.get_config("smoke"), guidance=2.0), None,
+                                      other)
+        expected = other(x, t) + 2.0 * (unconditional(x, t) - other(x, t))
+        torch.testing.assert_close(network(x, t), expected, rtol=0, atol=0)
+
+
+def test_a_runs_guide_is_its_ema_at_that_fraction_of_its_steps(conditional_run, mnist_root, tmp_path):
+    """conditional_run trains 8 steps at a constant learning rate with training.guides [0.5]: its
+    guide-0.5.pt is bit for bit the EMA of the same run stopped after 4 steps."""
+    main.main(["--preset", "smoke", "--conditional", "--data-root", mnist_root, "--out", str(tmp_path),
+               "--steps", "4"])
+    guide = torch.load(conditional_run / "guide-0.5.pt", weights_only=True)
+    stopped = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert guide["step"] == 4 and guide.keys() == {"config", "step", "ema"}
+    assert all(torch.equal(guide["ema"][name], weights) for name, weights in stopped["ema"].items())
+    final = torch.load(conditional_run / "ema.pt", weights_only=True)["ema"]
+    assert not all(torch.equal(guide["ema"][name], weights) for name, weights in final.items())
+
+
+def test_loadmodel_and_evaluate_sample_with_a_guide(conditional_run, classifier_file, mnist_root, tmp_path):
+    ckpt, guide = str(conditional_run / "ckpt.pt"), str(conditional_run / "guide-0.5.pt")
+    loadmodel.main([ckpt, "--guide", guide, "--guidance", "2", "--num-samples", "10", "--steps", "3",
+                    "--out", str(tmp_path)])
+    guided = np.load(tmp_path / "samples.npz")["arr_0"]
+    loadmodel.main([ckpt, "--guidance", "2", "--num-samples", "10", "--steps", "3", "--out", str(tmp_path)])
+    assert guided.shape == (10, 28, 28, 1) and not np.array_equal(guided, np.load(tmp_path / "samples.npz")["arr_0"])
+    evaluate.main([ckpt, "--guide", guide, "--num-samples", "20", "--guidance", "1,2", "--steps", "3",
+                   "--no-compile", "--data-root", mnist_root, "--classifier", str(classifier_file[0]),
+                   "--out", str(tmp_path), "--json", str(tmp_path / "eval.json")])
+    rows = __import__("json").load(open(tmp_path / "eval.json"))["rows"]
+    assert [row.get("guidance") for row in rows] == [None, 1.0, 2.0]
+    assert rows[2]["name"] == "ddpm, 3 steps, autoguided by guide-0.5.pt, w = 2" and rows[2]["guide"] == guide
+
+
+def test_a_run_whose_config_names_a_guide_samples_autoguided_by_default(mnist_root, tmp_path):
+    """The cpu preset's way: training.guides saves guide-F.pt and sampling.guide names it; main.py's
+    grid, loadmodel.py, evaluate.py and edit.py then sample with it, unless --guide none."""
+    run = tmp_path / "run"
+    main.main(["--preset", "smoke", "--conditional", "--data-root", mnist_root, "--out", str(run),
+               "--set", "training.guides=[0.5]", "--set", "sampling.guide=guide-0.5.pt", "--set", "sampling.guidance=2"])
+    assert (run / "samples.png").exists()
+
+    def drawn(*flags):
+        loadmodel.main([str(run / "ema.pt"), "--num-samples", "10", "--steps", "3", "--out", str(tmp_path), *flags])
+        return np.load(tmp_path / "samples.npz")["arr_0"]
+    default, explicit, free = drawn(), drawn("--guide", str(run / "guide-0.5.pt")), drawn("--guide", "none")
+    assert np.array_equal(default, explicit) and not np.array_equal(default, free)
+    (run / "guide-0.5.pt").unlink()
+    code, _, stderr = run_in_process("loadmodel.py", str(run / "ema.pt"))
+    assert_one_line_error(code, stderr, "guide-0.5.pt beside it, which is not there; --guide none")
+
+
+def test_the_cpu_preset_samples_autoguided_by_a_guide_its_runs_save_and_students_do_not():
+    cfg = helper.get_config("cpu")
+    assert [f"guide-{fraction:g}.pt" for fraction in cfg["training"]["guides"]] == [cfg["sampling"]["guide"]]
+    student = distill.student_config(cfg, "guidance", 0, [], 1.0)
+    assert student["sampling"]["guide"] == "" and student["training"]["guides"] == []
+
+
 def test_a_conditional_model_without_labels_samples_with_the_null_label():
     model, cfg = conditional_model()
     cfg = helper.with_sampling(cfg, sampler="ddim", steps=4)
@@ -227,11 +315,12 @@ def test_evaluate_warms_the_compiled_network_up_once_per_network_batch(monkeypat
     """Guided rows call the network on 2B, unguided ones (w = 0 or 1, an unconditional model, the
     steps outside a guidance interval) on B = min(N, SAMPLE_BATCH): one warm-up for each."""
     _, cfg = conditional_model()
-    batches = []
+    batches, guides = [], []
 
-    def warming(model, cfg, sampler, steps, n, seed, device, labels):  # records the network's batch
-        guided = labels is not None and cfg["sampling"]["guidance"] not in (0, 1)
-        batches.append(2 * n if guided else n)
+    def warming(model, cfg, sampler, steps, n, seed, device, labels, guide=None):  # records the network's batch
+        w = cfg["sampling"]["guidance"]
+        batches.append(2 * n if labels is not None and guide is None and w not in (0, 1) else n)
+        guides.append(guide is not None and w != 1)
     monkeypatch.setattr(evaluate, "generate", warming)
     labels = torch.zeros(1200, dtype=torch.long)
     for guidances, chosen, n, expected in [([None, 2.0], {"guidance": 1.5}, 1200, [1000]),
@@ -244,6 +333,12 @@ def test_evaluate_warms_the_compiled_network_up_once_per_network_batch(monkeypat
     evaluate.warm_up(None, cfg, [None], 1200, 0, "cpu")  # no labels: an unconditional model
     assert batches == [500]
     assert "network batches of 500 in" in capsys.readouterr().out.splitlines()[-1]
+    for guidances, interval in [([1.0, 2.0, 3.0], []), ([2.0], [0.5, 20.0])]:  # autoguidance: B each, guide called
+        batches.clear()
+        guides.clear()
+        chosen = helper.with_sampling(cfg, guidance_interval=interval)
+        evaluate.warm_up(None, chosen, guidances, 1200, 0, "cpu", labels, guide="a guide")
+        assert batches == [500] and guides == [True]
 
 
 def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run, classifier_file, mnist_root,
@@ -276,6 +371,9 @@ def test_evaluate_a_conditional_checkpoint_over_guidance_weights(conditional_run
     (["evaluate.py", "UNCOND", "--labels", "uniform"], "--labels needs a conditional checkpoint"),
     (["loadmodel.py", "COND", "--guidance-interval", "2", "1"], "guidance_interval must be [] or [lo, hi]"),
     (["loadmodel.py", "UNCOND", "--guidance-interval", "0.3", "5"], "--guidance needs a conditional checkpoint"),
+    (["loadmodel.py", "COND", "--guide", "UNCOND"], "its model.num_classes is 0, not 10"),
+    (["evaluate.py", "UNCOND", "--guide", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
+    (["edit.py", "inpaint", "UNCOND", "--guide", "COND"], "its model.num_classes is 10, not 0"),
 ])
 def test_bad_control_input_gets_one_line_and_exit_2(args, fragment, conditional_run, trained, mnist_root):
     paths = {"COND": str(conditional_run / "ckpt.pt"), "UNCOND": str(trained / "ckpt.pt")}
