@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 import helper
+import processes
 import runs
 from helper import UserError
 
@@ -119,7 +120,7 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     cfg = helper.merge_config(helper.get_config(preset), {"training": {
         "bf16": "on" if bf16 else "off", "compile": compile_model, "device": device}})
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
-    run = training.new_training(cfg, device, training.Processes(device), training.algorithm_1(cfg))
+    run = training.new_training(cfg, device, processes.Processes(device), training.algorithm_1(cfg))
     run.network = runs.compile_network(run.model, layouts=layouts) if compile_model else run.model
     run.step = 100  # past the EMA's warm-up
     x_0, _, *y = network_inputs(cfg, tr["batch_size"], device, 0)

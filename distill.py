@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import guidance
 import helper
 import runs
 import training
@@ -116,13 +117,13 @@ def student_config(cfg, stage, steps, settings, minutes):
 def guidance_loss(teacher, sched, null, network, x_0, draws):
     """Meng et al. 2023 stage 1: at x_t of a training digit (t uniform, as main.py trains), the
     student's output at (x_t, t, y, w) regresses the teacher's guided output
-    uncond + w (cond - uncond) (helper.guided_output); for a label dropped to null the target is
+    uncond + w (cond - uncond) (guidance.guided_output); for a label dropped to null the target is
     the unconditional output."""
     x_t = helper.q_sample(x_0, draws.t, draws.eps, sched)
     with torch.no_grad():
-        conditional, unconditional = helper.conditional_and_unconditional(
+        conditional, unconditional = guidance.conditional_and_unconditional(
             teacher, x_t, draws.t, draws.labels, torch.full_like(draws.labels, null))
-    target = helper.guided_output(conditional, unconditional, draws.w.view(-1, 1, 1, 1))
+    target = guidance.guided_output(conditional, unconditional, draws.w.view(-1, 1, 1, 1))
     return (network(x_t, draws.t, draws.labels, draws.w).float() - target).pow(2).mean()
 
 

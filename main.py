@@ -26,6 +26,7 @@ import torch
 
 import data
 import helper
+from processes import Processes
 import runs
 import training
 from helper import UserError
@@ -151,7 +152,7 @@ def fit_to_data(cfg, resize, conditional, levels):
 def main(argv=None):
     args = parse_args(argv)
     cfg, state, out = resolve(args)
-    processes = training.Processes(runs.resolve_device(cfg["training"]["device"]))
+    processes = Processes(runs.resolve_device(cfg["training"]["device"]))
     processes.check_batch(cfg["training"]["batch_size"])
     # under torchrun every process reads the folder alike; rank 0 holds the lock for the job
     with processes, runs.RunLock(out) if processes.rank == 0 else contextlib.nullcontext():

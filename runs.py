@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import guidance
 import helper
 from helper import Schedule, UserError
 from model import Model
@@ -229,7 +230,7 @@ def guide_path(flag, cfg, checkpoint):
 
 
 def load_guide(path, cfg, device):
-    """Autoguidance's guide (helper.Guided), or None without a path: the EMA network of a weights
+    """Autoguidance's guide (guidance.Guided), or None without a path: the EMA network of a weights
     file (main.py's out/guide-F.pt snapshots, or another run's ema.pt) that denoises the data of cfg's
     network on the same schedule, conditioned alike."""
     if path is None:
@@ -282,7 +283,7 @@ def guided_network(network, cfg, labels, guide=None):
     if interval:
         sigmas = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
         guided_at = (sigmas > interval[0]) & (sigmas <= interval[1])
-    return helper.Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at,
+    return guidance.Guided(network, labels, cfg["sampling"]["guidance"], num_classes, guided_at,
                          takes_w=cfg["model"]["guidance_embedding"], guide=guide)
 
 

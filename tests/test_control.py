@@ -8,6 +8,7 @@ import data
 import distill
 import edit
 import evaluate
+import guidance
 import helper
 import loadmodel
 import main
@@ -61,7 +62,7 @@ def test_guidance_zero_is_unconditional_one_is_conditional_and_it_extrapolates_i
     sched = Schedule(helper.cosine_betas(20))
     with torch.no_grad():
         conditional, unconditional = model(x, t, y), model(x, t, null)
-        guided = {w: helper.Guided(model, y, w, 10)(x, t) for w in (0.0, 1.0, 3.0)}
+        guided = {w: guidance.Guided(model, y, w, 10)(x, t) for w in (0.0, 1.0, 3.0)}
     torch.testing.assert_close(guided[0.0], unconditional, rtol=0, atol=0)
     torch.testing.assert_close(guided[1.0], conditional, rtol=0, atol=0)
     assert (conditional - unconditional).abs().max() > 1e-3  # the label matters
@@ -85,7 +86,7 @@ def test_guided_passes_run_as_one_call_of_batch_2B_equal_to_two_calls():
         return model(x_t, t_, labels)
 
     with torch.no_grad():
-        guided = helper.Guided(counting, y, 2.0, 10)(x, t)
+        guided = guidance.Guided(counting, y, 2.0, 10)(x, t)
         separate = model(x, t, null) + 2.0 * (model(x, t, y) - model(x, t, null))
     assert batches == [8]
     torch.testing.assert_close(guided, separate, rtol=1e-5, atol=1e-5)
@@ -101,7 +102,7 @@ def test_all_null_labels_or_w_zero_run_the_null_pass_alone_at_every_call():
         return model(x_t, t_, labels)
 
     for labels, w in ((torch.full((4,), 10), 2.0), (torch.tensor([3, 7, 1, 9]), 0.0)):
-        guided = helper.Guided(counting, labels, w, 10)
+        guided = guidance.Guided(counting, labels, w, 10)
         with torch.no_grad():
             for _ in range(3):
                 guided(x, t)
@@ -116,7 +117,7 @@ def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
     lo, hi = sigma[4].item(), sigma[12].item()  # (lo, hi] holds t = 5..12
     network = runs.guided_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
     assert network.guided_at.nonzero().flatten().tolist() == list(range(5, 13))
-    plain, conditional = helper.Guided(model, y, 3.0, 10), helper.Guided(model, y, 1.0, 10)
+    plain, conditional = guidance.Guided(model, y, 3.0, 10), guidance.Guided(model, y, 1.0, 10)
     with torch.no_grad():
         for step in t.tolist():
             at = torch.full((4,), step)
@@ -145,11 +146,11 @@ def test_autoguidance_is_the_network_plus_w_times_its_difference_from_the_guide(
         main_out, guide_out = model(x, t, y), guide(x, t, y)
         assert (main_out - guide_out).abs().max() > 1e-2  # the two networks differ
         for w in (0.0, 2.5):
-            torch.testing.assert_close(helper.Guided(model, y, w, 10, guide=guide)(x, t),
+            torch.testing.assert_close(guidance.Guided(model, y, w, 10, guide=guide)(x, t),
                                        guide_out + w * (main_out - guide_out), rtol=0, atol=0)
-            torch.testing.assert_close(helper.Guided(model, y, w, 10, guide=model)(x, t), main_out,
+            torch.testing.assert_close(guidance.Guided(model, y, w, 10, guide=model)(x, t), main_out,
                                        rtol=1e-6, atol=1e-6)
-        assert torch.equal(helper.Guided(counting(model), y, 1.0, 10, guide=counting(guide))(x, t), main_out)
+        assert torch.equal(guidance.Guided(counting(model), y, 1.0, 10, guide=counting(guide))(x, t), main_out)
         assert calls == [model]  # w = 1: the guide is not called
         unconditional = Model.from_config(helper.get_config("smoke")).eval()
         other = Model.from_config(helper.get_config("smoke")).eval()
@@ -245,7 +246,7 @@ def test_repaint_keeps_the_known_pixels_of_the_original(digits, resample):
     sched = Schedule(helper.cosine_betas(20)).respace(helper.spaced_timesteps(20, 6, "trailing"))
     original = digits[:3]
     known = edit.region_mask("left", 28)
-    network = helper.Guided(model, torch.tensor([4, 4, 4]), 2.0, 10)
+    network = guidance.Guided(model, torch.tensor([4, 4, 4]), 2.0, 10)
     generator = torch.Generator().manual_seed(0)
     filled = edit.repaint(network, torch.randn(original.shape, generator=generator), sched, original, known, "eps",
                           "beta", True, generator, resample, progress=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import distill
+import guidance
 import helper
 import runs
 import training
@@ -60,9 +61,9 @@ def test_a_guidance_distilled_student_samples_in_one_call_of_batch_B_with_w_as_i
     x, t = inputs()
     labels = torch.tensor([3, 7, 1, 9])
     with torch.no_grad():
-        guided = helper.Guided(recording, labels, 1.7, 10, takes_w=True)(x, t)
+        guided = guidance.Guided(recording, labels, 1.7, 10, takes_w=True)(x, t)
         torch.testing.assert_close(guided, student(x, t, labels, torch.full((4,), 1.7)))
-        helper.Guided(recording, labels, 0.0, 10, takes_w=True)(x, t)  # w = 0: the null label
+        guidance.Guided(recording, labels, 0.0, 10, takes_w=True)(x, t)  # w = 0: the null label
     assert calls == [(4, [3, 7, 1, 9], [1.7] * 4), (4, [10] * 4, [0.0] * 4)]
 
 
@@ -105,7 +106,7 @@ def test_ddim_step_is_the_ddim_samplers_step():
     model, cfg = conditional_model()
     sched = Schedule(helper.cosine_betas(20)).respace([9, 19])
     x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    network = helper.Guided(model, torch.tensor([1, 2, 3, 4]), 1.0, 10)
+    network = guidance.Guided(model, torch.tensor([1, 2, 3, 4]), 1.0, 10)
     with torch.no_grad():
         sampled = helper.ddim_sample(network, x_T, sched, prediction="v", progress=False)
         x = x_T

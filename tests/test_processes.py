@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main
+import processes
 import runs
 import training
 from conftest import REPO
@@ -127,5 +128,5 @@ def test_more_processes_than_gpus_is_one_line_on_every_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     environ = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
     with pytest.raises(runs.UserError, match="torchrun started 2 processes on a machine with 1 CUDA device"):
-        with training.Processes("cuda", environ):
+        with processes.Processes("cuda", environ):
             pass
