@@ -5,7 +5,9 @@
 
 1. Guidance distillation (Meng et al. 2023, stage 1), for a conditional teacher: a student
    copied from the teacher's EMA weights, with the guidance weight w as one more input, learns
-   the guided output uncond + w (cond - uncond) in one pass of batch B instead of 2B.
+   the teacher's guided output in one pass of batch B instead of two: guide + w (teacher - guide),
+   the guide being the teacher's unconditional output (classifier-free guidance) or, when the
+   teacher samples autoguided (its sampling.guide, or --guide), its weaker snapshot.
 2. Progressive distillation (Salimans & Ho 2022, Algorithm 2): each round a student, copied
    from its teacher, learns in one DDIM step the two DDIM steps its teacher takes, so the steps
    halve: --start N (the first teacher's DDIM steps) -> N/2 -> ... -> --to.
@@ -57,6 +59,7 @@ def parse_args(argv=None):
                         help="steps of the last student (a power of two; default: 4)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
+    parser.add_argument("--guide", help="the guidance stage's guide: " + runs.GUIDE_HELP.split(": ", 1)[1])
     parser.add_argument("--overwrite", action="store_true", help="start every stage over")
     parser.add_argument("--data-root", help="where torchvision datasets are (default: the teacher's data.root)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: auto)")
@@ -90,18 +93,19 @@ def plan(teacher_cfg, start, to):
     return stages
 
 
-def student_config(cfg, stage, steps, settings, minutes):
-    """The student's config: the teacher's, marked with its stage and step count, training on
-    distill.lr for `minutes`; a progressive student samples with DDIM at its steps. `settings`
+def student_config(cfg, stage, steps, settings, minutes, guide=""):
+    """The student's config: the teacher's, marked with its stage and step count (and the guide
+    file whose autoguidance a guidance student learns, "" for classifier-free guidance), training
+    on distill.lr for `minutes`; a progressive student samples with DDIM at its steps. `settings`
     (--set) apply last."""
     settings = [runs.parse_setting(setting) for setting in settings]
     lr = functools.reduce(helper.merge_config, settings, cfg)["distill"]["lr"]
     cfg = helper.merge_config(cfg, {
         "model": {"guidance_embedding": cfg["model"]["num_classes"] > 0},
-        "distill": {"stage": stage, "steps": steps},
+        "distill": {"stage": stage, "steps": steps, **({"guide": guide} if stage == "guidance" else {})},
         "training": {"lr": lr, "warmup_steps": 0, "lr_decay": "cosine", "minutes": minutes, "steps": 0,
                      "extra_ema_decays": [], "guides": []},
-        "sampling": {"guide": ""}})  # a student learns classifier-free guidance
+        "sampling": {"guide": ""}})  # a student takes w as its input: its guidance is learnt
     if stage == "progressive":
         cfg = helper.merge_config(cfg, {"sampling": {
             "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})
@@ -114,16 +118,19 @@ def student_config(cfg, stage, steps, settings, minutes):
 # The two losses, each of (network, x_0, draws) as training.train_step calls them (draws:
 # training.draw's t, eps, labels dropped to null as in training, and w ~ U(distill.guidance_range)).
 
-def guidance_loss(teacher, sched, null, network, x_0, draws):
+def guidance_loss(teacher, guide, sched, null, network, x_0, draws):
     """Meng et al. 2023 stage 1: at x_t of a training digit (t uniform, as main.py trains), the
-    student's output at (x_t, t, y, w) regresses the teacher's guided output
-    uncond + w (cond - uncond) (guidance.guided_output); for a label dropped to null the target is
-    the unconditional output."""
+    student's output at (x_t, t, y, w) regresses the teacher's guided output (guidance.guided_output):
+    uncond + w (cond - uncond) without a guide, for a label dropped to null the unconditional
+    output; with a guide (autoguidance), guide(x_t, t, y) + w (teacher(x_t, t, y) - guide(x_t, t, y))."""
     x_t = helper.q_sample(x_0, draws.t, draws.eps, sched)
     with torch.no_grad():
-        conditional, unconditional = guidance.conditional_and_unconditional(
-            teacher, x_t, draws.t, draws.labels, torch.full_like(draws.labels, null))
-    target = guidance.guided_output(conditional, unconditional, draws.w.view(-1, 1, 1, 1))
+        if guide is None:
+            output, guide_output = guidance.conditional_and_unconditional(
+                teacher, x_t, draws.t, draws.labels, torch.full_like(draws.labels, null))
+        else:
+            output, guide_output = (net(x_t, draws.t, draws.labels).float() for net in (teacher, guide))
+    target = guidance.guided_output(output, guide_output, draws.w.view(-1, 1, 1, 1))
     return (network(x_t, draws.t, draws.labels, draws.w).float() - target).pow(2).mean()
 
 
@@ -183,10 +190,10 @@ def progressive_loss(teacher, student_sched, teacher_sched, prediction, clip_x0,
     return (output.float() - target.float()).pow(2).mean()
 
 
-def stage_loss(cfg, teacher):
+def stage_loss(cfg, teacher, guide=None):
     """The loss of the stage cfg describes, as training.train calls it."""
     if cfg["distill"]["stage"] == "guidance":
-        return functools.partial(guidance_loss, teacher, Schedule.from_config(cfg["diffusion"]),
+        return functools.partial(guidance_loss, teacher, guide, Schedule.from_config(cfg["diffusion"]),
                                  cfg["model"]["num_classes"])
     schedules = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), cfg["distill"]["steps"])
     return functools.partial(progressive_loss, teacher, *schedules, cfg["diffusion"]["prediction"],
@@ -201,13 +208,11 @@ def default_teacher():
     return os.path.join("out", "ckpt.pt")
 
 
-def frozen_teacher(state, device):
-    """The teacher's EMA network, frozen (compiled, with its weights as constants, when its config
-    compiles training)."""
-    teacher = Model.from_config(state["config"])
-    runs.load_weights(teacher, state["ema"])
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    return runs.compile_network(teacher, frozen=True) if state["config"]["training"]["compile"] else teacher
+def frozen(network, cfg):
+    """A teacher's (or its guide's) network, frozen: compiled, with its weights as constants, when
+    cfg compiles training."""
+    network = network.eval().requires_grad_(False)
+    return runs.compile_network(network, frozen=True) if cfg["training"]["compile"] else network
 
 
 def distill_stage(teacher_path, stage, steps, args, minutes, out):
@@ -219,7 +224,9 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
     if args.data_root:
         settings.append(f"data.root={args.data_root}")
     settings.append(f"training.device={device}")
-    cfg = student_config(teacher_state["config"], stage, steps, settings, minutes)
+    teacher_cfg = teacher_state["config"]
+    guide_file = runs.guide_path(args.guide, teacher_cfg, teacher_path) if stage == "guidance" else None
+    cfg = student_config(teacher_cfg, stage, steps, settings, minutes, os.path.basename(guide_file or ""))
     weights = os.path.join(out, "ema.pt")
     with runs.RunLock(out):
         try:
@@ -229,11 +236,17 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
             return weights
         rounds = f"progressive distillation to {steps} step" + "s" * (steps > 1)
         name = "guidance distillation" if stage == "guidance" else rounds
+        if guide_file:
+            name += f" of autoguidance by {guide_file}"
         print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
         started = time.perf_counter()
-        teacher = frozen_teacher(teacher_state, device)
-        ema, losses, lrs = training.train(cfg, out, state, loss_of=stage_loss(cfg, teacher),
-                                          start_from=teacher_state["ema"])
+        teacher = Model.from_config(teacher_cfg)
+        runs.load_weights(teacher, teacher_state["ema"])
+        guide = runs.load_guide(guide_file, teacher_cfg, device)
+        if guide is not None:
+            guide = frozen(guide, teacher_cfg)
+        loss_of = stage_loss(cfg, frozen(teacher.to(device), teacher_cfg), guide)
+        ema, losses, lrs = training.train(cfg, out, state, loss_of=loss_of, start_from=teacher_state["ema"])
         training.finish(ema, losses, lrs, cfg, out, started)
     return weights
 
@@ -243,6 +256,8 @@ def main(argv=None):
     teacher = args.teacher or default_teacher()
     teacher_cfg = runs.load_checkpoint(teacher)["config"]
     stages = plan(teacher_cfg, args.start, args.to)
+    if args.guide not in (None, "none") and stages[0][0] != "guidance":
+        raise UserError(f"--guide is for the guidance stage; '{teacher}' is a guidance-distilled student already")
     for (stage, steps), minutes in zip(stages, stage_minutes(args.minutes, len(stages))):
         out = os.path.join(args.out, stage_folder(stage, steps))
         teacher = distill_stage(teacher, stage, steps, args, minutes, out)

@@ -86,6 +86,7 @@ config = {
                                    # progressive: a few-step student (Salimans & Ho 2022)
         "steps": 0,                # progressive: the DDIM steps the student was distilled for
         "guidance_range": [0.0, 2.0],  # guidance stage: w drawn uniformly from this range
+        "guide": "",               # guidance stage: the teacher's guide it learnt autoguidance from; "": CFG
         "lr": 3e-4,                # students' peak learning rate (AdamW as training, cosine decay per stage)
     },
 }

@@ -95,7 +95,8 @@ def main(argv=None):
     which = "each digit in turn" if digit == "all" else f"digit {digit}"
     wanted = "" if labels is None else f" of {which},"
     if labels is not None or guide is not None:
-        wanted += f" {'autoguidance' if guide is not None else 'guidance'} w = {s['guidance']},"
+        autoguided = guide is not None or cfg["distill"]["guide"]
+        wanted += f" {'autoguidance' if autoguided else 'guidance'} w = {s['guidance']},"
     noise = f", eta = {s['eta']:g}" if s["eta"] > 0 and s["sampler"] != "ddpm" else ""
     print(f"sampling {n} digits{wanted} with {s['sampler']} ({s['steps'] or cfg['diffusion']['T']} steps{noise}), "
           f"seed {args.seed}, {args.batch_size} at a time")

@@ -93,6 +93,28 @@ def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
     assert (seen["labels"] == 10).any() and (seen["labels"] < 10).any()  # some labels dropped to null
 
 
+def test_the_autoguided_target_is_guide_plus_w_times_teacher_minus_guide_at_the_labels():
+    teacher, cfg = conditional_model()
+    guide, _ = conditional_model(seed=5)  # a weaker network, conditioned alike
+    _, cfg = student_of(teacher, cfg)
+    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.3}})
+    x_0 = torch.rand(16, 1, 28, 28) * 2 - 1
+    y = torch.arange(16) % 10
+
+    def exact(x_in, t, labels, w):  # a student that outputs the autoguided teacher exactly
+        return guidance.guided_output(teacher(x_in, t, labels), guide(x_in, t, labels), w.view(-1, 1, 1, 1))
+
+    def classifier_free(x_in, t, labels, w):
+        return guidance.guided_output(teacher(x_in, t, labels), teacher(x_in, t, torch.full_like(labels, 10)),
+                                      w.view(-1, 1, 1, 1))
+
+    draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
+    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher, guide)
+    with torch.no_grad():
+        loss, wrong = loss_of(exact, x_0, draws), loss_of(classifier_free, x_0, draws)
+    assert loss.item() < 1e-10 and wrong.item() > 1e-4
+
+
 def test_one_ddim_step_to_the_two_step_target_lands_where_two_steps_landed():
     generator = torch.Generator().manual_seed(0)
     x_t, x_next = torch.randn(2, 8, 1, 4, 4, generator=generator)
@@ -201,6 +223,25 @@ def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root
     assert "guidance is finished; skipping it" in stdout
     for stage in ("guidance", "steps-4"):  # the same as in the uninterrupted chain, bit for bit
         assert_same_run(tmp_path / stage / "ckpt.pt", chain / stage / "ckpt.pt")
+
+
+def test_a_teacher_with_a_guide_is_distilled_autoguided_and_its_student_says_so(conditional_run, mnist_root,
+                                                                                 tmp_path):
+    code, stdout, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", tmp_path, mnist_root, to=4),
+                                          "--guide", str(conditional_run / "guide-0.5.pt"))
+    assert code == 0, stderr
+    assert "guidance distillation of autoguidance by" in stdout
+    guided = runs.load_checkpoint(str(tmp_path / "guidance" / "ema.pt"))["config"]
+    assert guided["distill"]["guide"] == "guide-0.5.pt" and guided["sampling"]["guide"] == ""
+    four = runs.load_checkpoint(str(tmp_path / "steps-4" / "ema.pt"))["config"]
+    assert four["distill"]["guide"] == "guide-0.5.pt"  # its teacher's, inherited
+    code, stdout, stderr = run_in_process("loadmodel.py", str(tmp_path / "steps-4" / "ema.pt"), "--out",
+                                          str(tmp_path / "drawn"))
+    assert code == 0, stderr
+    assert "autoguidance w = 1.6" in stdout
+    code, _, stderr = run_in_process("distill.py", str(tmp_path / "guidance" / "ema.pt"), "--out",
+                                     str(tmp_path / "again"), "--guide", str(conditional_run / "guide-0.5.pt"))
+    assert_one_line_error(code, stderr, "--guide is for the guidance stage")
 
 
 def test_the_last_round_gets_two_shares_of_the_budget_and_every_other_stage_one():

@@ -77,12 +77,18 @@ def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_p
     assert state.keys() == runs.SAMPLING_KEYS
     shipped, default = helper.checkpoint_config(state), helper.get_config("cpu")
     assert all(shipped[section] == default[section] for section in ("model", "diffusion"))
-    # they predate autoguidance: no guide, classifier-free guidance at its best w (docs/pretrained.md)
-    assert shipped["sampling"] == {**default["sampling"], "guide": "", "guidance": 1.1}
+    # autoguided by the run's own early snapshot, shipped beside them; both bf16 on disk, fp32 loaded
+    assert shipped["sampling"] == {**default["sampling"], "guide": "mnist-cpu-guide.pt"}
+    guide_file = runs.guide_path(None, shipped, runs.PRETRAINED)
+    guide = torch.load(guide_file, map_location="cpu", weights_only=True)
+    assert guide["step"] < state["step"] and helper.checkpoint_config(guide)["model"] == shipped["model"]
+    for weights in (state["ema"], guide["ema"]):
+        assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert all(w.dtype == torch.float32 for w in runs.load_guide(guide_file, shipped, "cpu").state_dict().values())
     monkeypatch.chdir(tmp_path)  # no out/ckpt.pt here
     code, stdout, stderr = run_in_process("loadmodel.py", "--num-samples", "10", "--steps", "5", "--out", str(tmp_path))
     assert code == 0, stderr
-    assert "sampling the shipped weights" in stdout
+    assert "sampling the shipped weights" in stdout and "autoguidance w = 1.2" in stdout
     archive = np.load(tmp_path / "samples.npz")  # conditional: one of each digit
     assert archive["arr_0"].shape == (10, 28, 28, 1) and archive["labels"].tolist() == list(range(10))
     assert (tmp_path / "trajectory.gif").stat().st_size > 0
