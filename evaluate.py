@@ -186,14 +186,30 @@ def digit_mix(how, train_labels, n, classes=10):
     return torch.arange(classes).repeat_interleave(counts)
 
 
+def backgrounds(images):
+    """Each image's background colour: the per-channel median of its border, the outer eighth of
+    its side, where the data's strokes never reach (MNIST's digits keep 4 of 28 pixels clear).
+    uint8 (N, S, S, C) -> float (N, C) in 0..255."""
+    x = torch.as_tensor(images).float()
+    ring = max(1, x.shape[1] // 8)
+    border = torch.ones(x.shape[1:3], dtype=torch.bool)
+    border[ring:-ring, ring:-ring] = False
+    return x[:, border].median(dim=1).values
+
+
 def score(classifier, digits, reference, labels=None, seed=0, classes=True):
     """Every metric of uint8 images (N, S, S, C) against reference features (M, 128); with the
     requested labels (N,), also the share the classifier assigns to the requested class. Without
-    `classes` (a classifier of rotations), FID, precision and recall alone."""
+    `classes` (a classifier of rotations), FID, precision and recall alone. Colour images also
+    get the mean and spread over images of their background colour, per channel."""
     features, probs = classify(classifier, digits)
     subset = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))[:len(digits)]
     precision, recall = precision_recall(reference[subset], features)
     metrics = {"fid": frechet_distance(features, reference), "precision": precision, "recall": recall}
+    if digits.shape[-1] == 3:
+        colours = backgrounds(digits)
+        metrics.update(background_mean=[round(v, 1) for v in colours.mean(0).tolist()],
+                       background_std=[round(v, 1) for v in colours.std(0).tolist()])
     if not classes:
         return metrics
     histogram = torch.bincount(probs.argmax(-1), minlength=probs.shape[-1]) / len(digits)
@@ -254,14 +270,20 @@ def warm_up(model, cfg, guidances, n, seed, device, labels=None, guide=None):
 
 
 def markdown_table(rows):
-    lines = ["| samples | NFE | FID | precision | recall | confident | requested digit | s / 1000 samples |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    colour = any("background_mean" in row for row in rows)
+    lines = ["| samples | NFE | FID | precision | recall | confident | requested digit | s / 1000 samples |"
+             + (" background RGB mean | background RGB spread |" if colour else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|---|" if colour else "")]
     for row in rows:
         seconds = f"{row['seconds_per_1000']:.1f}" if row.get("seconds_per_1000") else "-"
         accuracy = f"{row['accuracy']:.4f}" if "accuracy" in row else "-"
         confident = f"{row['confident']:.3f}" if "confident" in row else "-"
-        lines.append(f"| {row['name']} | {row.get('nfe', '-')} | {row['fid']:.3f} | {row['precision']:.3f} | "
-                     f"{row['recall']:.3f} | {confident} | {accuracy} | {seconds} |")
+        line = (f"| {row['name']} | {row.get('nfe', '-')} | {row['fid']:.3f} | {row['precision']:.3f} | "
+                f"{row['recall']:.3f} | {confident} | {accuracy} | {seconds} |")
+        if colour:
+            line += "".join(f" {' '.join(f'{v:.0f}' for v in row[key])} |" if key in row else " - |"
+                            for key in ("background_mean", "background_std"))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -404,7 +426,8 @@ def main(argv=None):
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels, guide)
-                nfe = runs.sampler_evaluations(sampler, runs.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
+                stops = len(runs.sampling_schedule(helper.with_sampling(row_cfg, sampler=sampler, steps=steps)).timesteps)
+                nfe = runs.sampler_evaluations(sampler, stops)
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
                 if args.ema is not None:

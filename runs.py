@@ -314,12 +314,15 @@ def sampler_evaluations(sampler, stops):
 
 def sampling_schedule(cfg):
     """The schedule the sampler walks: cfg's, respaced to the sampler's stops for sampling.steps
-    network evaluations when fewer than T."""
+    network evaluations when fewer than T, with the levels the data's mean colour needs
+    (helper.colour_levels) in place of some of the spacing's."""
     s = cfg["sampling"]
     sched = Schedule.from_config(cfg["diffusion"])
-    stops = sampler_stops(s["sampler"], s["steps"])
+    stops, sigmas = sampler_stops(s["sampler"], s["steps"]), sched.edm_sigmas()
     if stops and stops < sched.T:
-        sched = sched.respace(helper.spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
+        levels = lambda n: helper.colour_levels(helper.spaced_timesteps(sched.T, n, s["spacing"], sigmas), sigmas,
+                                                cfg["data"]["colour_sigma"])
+        sched = sched.respace(levels(stops - (len(levels(stops)) - stops)))
     return sched
 
 
@@ -486,6 +489,6 @@ GUIDE_HELP = ("autoguidance: guide by this weaker network instead of the uncondi
               "main.py's out/guide-F.pt snapshot of the run; none: classifier-free guidance (default: the "
               "checkpoint's sampling.guide beside it, the cpu preset's guide-0.0625.pt)")
 INTERVAL_HELP = ("guide only at the noise levels sigma = sqrt((1 - alpha_bar) / alpha_bar) in (LO, HI], "
-                 "w = 1 elsewhere (default: the checkpoint's; none: everywhere)")
+                 "w = 1 elsewhere (default: the checkpoint's; 0 inf: everywhere)")
 
 

@@ -278,6 +278,7 @@ def test_the_shipped_student_is_bf16_on_disk_fp32_when_loaded_and_samples_in_its
     assert {w.dtype for w in stored.values()} == {torch.bfloat16}
     model, cfg = runs.load_ema_model(STUDENT, "cpu")
     assert cfg["distill"]["stage"] == "progressive" and cfg["distill"]["steps"] == cfg["sampling"]["steps"] == 4
+    assert cfg["distill"]["guide"] == "mnist-cpu-guide.pt"  # it learnt the shipped teacher's autoguidance
     for name, w in model.state_dict().items():
         assert w.dtype == torch.float32 and torch.equal(w, stored[name].float())
     code, _, stderr = run_in_process("loadmodel.py", STUDENT, "--num-samples", "10", "--out", str(tmp_path))
