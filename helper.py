@@ -353,14 +353,15 @@ def spaced_timesteps(T, steps, spacing, sigmas=None):
 def colour_levels(keep, sigmas, colour_sigma):
     """keep (ascending levels of the noise levels sigmas (T,)) with the levels that an image's mean
     colour needs. A component of the data with spread s is decided near sigma = s; the mean colour of
-    colour images spreads most (data.colour_sigma: 16 on the RGB digits, 2.4 on MNIST). Above the
-    second-highest kept level, at sigma_2, a sampler jumps to the top one in a single step (from
-    sigma ~ 7 to 2e4 at 20 evaluations on the cosine schedule), and that step cannot create the
-    spread decided in between: one Euler step keeps a third of it. So levels follow at 2, 4, 8, ...
-    sigma_2, up to 4 colour_sigma and below the top level, each the level nearest in log sigma."""
-    sigma = 2 * sigmas[keep[-2]].item() if len(keep) > 1 else math.inf
-    extra = []
-    while sigma <= min(4 * colour_sigma, sigmas[keep[-1]].item() / 2):
+    colour images spreads most (data.colour_sigma: 16 on the RGB digits, 2.4 on MNIST). Where the
+    top two kept levels, sigma_2 < colour_sigma and 4 colour_sigma < sigma_top, jump over that
+    range in one step (from sigma ~ 7 to 2e4 at 20 evaluations on the cosine schedule), the step
+    cannot create the spread decided in between: one Euler step keeps a third of it. So levels
+    follow at 2, 4, 8, ... sigma_2 up to 4 colour_sigma, each the level nearest in log sigma."""
+    if len(keep) < 2 or not sigmas[keep[-2]].item() < colour_sigma < sigmas[keep[-1]].item() / 4:
+        return keep
+    extra, sigma = [], 2 * sigmas[keep[-2]].item()
+    while sigma <= 4 * colour_sigma:
         extra.append(nearest_level(sigmas, sigma))
         sigma *= 2
     return sorted(set(keep + extra))
