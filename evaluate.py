@@ -426,8 +426,7 @@ def main(argv=None):
             for w in guidances:
                 row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels, guide)
-                stops = len(runs.sampling_schedule(helper.with_sampling(row_cfg, sampler=sampler, steps=steps)).timesteps)
-                nfe = runs.sampler_evaluations(sampler, stops)
+                nfe = runs.sampler_evaluations(sampler, runs.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
                        "seconds_per_1000": 1000 * seconds / n}
                 if args.ema is not None:

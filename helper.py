@@ -19,9 +19,6 @@ config = {
         "root": "data",            # where torchvision datasets live (MNIST/raw/ for mnist)
         "image_size": 28,          # S x S the model sees: the data's own, or what --set data.image_size=S resizes to
         "channels": 1,             # 1 (greyscale) or 3 (RGB), as the data's
-        "colour_sigma": 0.0,       # the noise level that decides an image's mean colour: S times the largest
-                                   # per-channel std over images of their mean (main.fit_to_data; MNIST 2.4,
-                                   # RGB digits 16); the samplers stop up to 4x it (spaced_timesteps); 0: unknown
     },
     "model": {
         "ch": 128,                 # base channel width of the U-Net
@@ -348,23 +345,6 @@ def spaced_timesteps(T, steps, spacing, sigmas=None):
     if len(keep) < steps:
         raise UserError(f"{spacing} spacing cannot place {steps} distinct steps in T={T}")
     return keep
-
-
-def colour_levels(keep, sigmas, colour_sigma):
-    """keep (ascending levels of the noise levels sigmas (T,)) with the levels that an image's mean
-    colour needs. A component of the data with spread s is decided near sigma = s; the mean colour of
-    colour images spreads most (data.colour_sigma: 16 on the RGB digits, 2.4 on MNIST). Where the
-    top two kept levels, sigma_2 < colour_sigma and 4 colour_sigma < sigma_top, jump over that
-    range in one step (from sigma ~ 7 to 2e4 at 20 evaluations on the cosine schedule), the step
-    cannot create the spread decided in between: one Euler step keeps a third of it. So levels
-    follow at 2, 4, 8, ... sigma_2 up to 4 colour_sigma, each the level nearest in log sigma."""
-    if len(keep) < 2 or not sigmas[keep[-2]].item() < colour_sigma < sigmas[keep[-1]].item() / 4:
-        return keep
-    extra, sigma = [], 2 * sigmas[keep[-2]].item()
-    while sigma <= 4 * colour_sigma:
-        extra.append(nearest_level(sigmas, sigma))
-        sigma *= 2
-    return sorted(set(keep + extra))
 
 
 def karras_timesteps(sigmas, steps, rho=7.0, sigma_max=80.0):

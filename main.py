@@ -110,19 +110,6 @@ def resolve(args):
     return cfg, state, out
 
 
-def colour_sigma(images, size):
-    """The noise level at which a sampler decides an image's mean colour. Along the unit vector
-    (1, ..., 1) / S of one channel, an S x S image's coordinate is S times its mean, whose spread
-    over the images is this component's standard deviation; noise of std sigma per pixel puts
-    noise of std sigma on it too, so the component is decided where sigma is about its spread.
-    The largest over channels of S std(mean), for uint8 images (N, C, H, W) (or a list of (C, H, W))
-    seen at S x S."""
-    chunks = (images[i:i + 4096] for i in range(0, len(images), 4096))
-    means = torch.cat([(c if torch.is_tensor(c) else torch.stack(c)).float().mean((-2, -1)) for c in chunks])
-    means = means / 127.5  # (N, C) in [-1, 1] units
-    return round(size * means.std(0).max().item(), 2)
-
-
 def cpu_levels(image_size):
     """The cpu preset's U-Net levels for S x S images: ch_mult [1, 2, 2] takes 28 to 7 and 32 to 8
     pixels at the bottleneck; each doubling of S beyond 32 adds a level of width 2, so the
@@ -156,8 +143,7 @@ def fit_to_data(cfg, resize, conditional, levels):
                             f"(class subfolders, or an .npz key 'labels')")
         print(f"'{data_cfg['name']}' has no labels: training an unconditional model")
     classes = len(train_split.classes) if num_classes and train_split.labels is not None else 0
-    fitted = {"data": {"image_size": size, "channels": train_split.images[0].shape[0],
-                       "colour_sigma": colour_sigma(train_split.images, size)}, "model": {"num_classes": classes}}
+    fitted = {"data": {"image_size": size, "channels": train_split.images[0].shape[0]}, "model": {"num_classes": classes}}
     if levels:
         fitted["model"]["ch_mult"] = cpu_levels(size)
     return helper.merge_config(cfg, fitted)

@@ -314,15 +314,12 @@ def sampler_evaluations(sampler, stops):
 
 def sampling_schedule(cfg):
     """The schedule the sampler walks: cfg's, respaced to the sampler's stops for sampling.steps
-    network evaluations when fewer than T, with the levels the data's mean colour needs
-    (helper.colour_levels) in place of some of the spacing's."""
+    network evaluations when fewer than T."""
     s = cfg["sampling"]
     sched = Schedule.from_config(cfg["diffusion"])
-    stops, sigmas = sampler_stops(s["sampler"], s["steps"]), sched.edm_sigmas()
+    stops = sampler_stops(s["sampler"], s["steps"])
     if stops and stops < sched.T:
-        levels = lambda n: helper.colour_levels(helper.spaced_timesteps(sched.T, n, s["spacing"], sigmas), sigmas,
-                                                cfg["data"]["colour_sigma"])
-        sched = sched.respace(levels(stops - (len(levels(stops)) - stops)))
+        sched = sched.respace(helper.spaced_timesteps(sched.T, stops, s["spacing"], sched.edm_sigmas()))
     return sched
 
 
