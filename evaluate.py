@@ -186,15 +186,20 @@ def digit_mix(how, train_labels, n, classes=10):
     return torch.arange(classes).repeat_interleave(counts)
 
 
+def border(size):
+    """(S, S) bool: the outer eighth of an S x S image's side, where the data's strokes never reach
+    (MNIST's digits keep 4 of 28 pixels clear)."""
+    ring = max(1, size // 8)
+    mask = torch.ones(size, size, dtype=torch.bool)
+    mask[ring:-ring, ring:-ring] = False
+    return mask
+
+
 def backgrounds(images):
-    """Each image's background colour: the per-channel median of its border, the outer eighth of
-    its side, where the data's strokes never reach (MNIST's digits keep 4 of 28 pixels clear).
+    """Each image's background colour: the per-channel median of its border.
     uint8 (N, S, S, C) -> float (N, C) in 0..255."""
     x = torch.as_tensor(images).float()
-    ring = max(1, x.shape[1] // 8)
-    border = torch.ones(x.shape[1:3], dtype=torch.bool)
-    border[ring:-ring, ring:-ring] = False
-    return x[:, border].median(dim=1).values
+    return x[:, border(x.shape[1])].median(dim=1).values
 
 
 def score(classifier, digits, reference, labels=None, seed=0, classes=True):

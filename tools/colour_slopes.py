@@ -10,7 +10,6 @@ pixels, colours of spread s and noise sigma = sqrt((1 - a) / a), the best linear
 the border's mean recovers n s^2 / (n s^2 + sigma^2) of the colour. A network that sees the whole
 image can do better than that; one below it has not learnt the level (docs/own-data.md).
 """
-import argparse
 import os
 import sys
 
@@ -31,9 +30,7 @@ def colour_slopes(model, cfg, images, labels, seed=0, batch_size=250):
     sched = helper.Schedule.from_config(cfg["diffusion"])
     x_0 = data.to_model_range(images)
     true = evaluate.backgrounds(images.movedim(1, -1).numpy()) / 127.5 - 1  # (N, 3) in [-1, 1]
-    ring = x_0.shape[-1] // 8
-    border = torch.ones(x_0.shape[-2:], dtype=torch.bool)
-    border[ring:-ring, ring:-ring] = False
+    border = evaluate.border(x_0.shape[-1])
     spread2 = true.var(0).mean().item()
     generator = torch.Generator().manual_seed(seed)
     rows = []
