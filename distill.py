@@ -1,6 +1,6 @@
 """Distil a trained model into one that samples in a few network calls (docs/distill.md).
 
-    python distill.py [TEACHER] [--out DIR] [--minutes M] [--start N] [--to N]
+    python distill.py [TEACHER] [--out DIR] [--minutes M] [--start N] [--to N] [--consistency]
                       [--set SECTION.KEY=VALUE ...] [--overwrite] [--data-root DIR] [--device D]
 
 1. Guidance distillation (Meng et al. 2023, stage 1), for a conditional teacher: a student
@@ -11,6 +11,9 @@
 2. Progressive distillation (Salimans & Ho 2022, Algorithm 2): each round a student, copied
    from its teacher, learns in one DDIM step the two DDIM steps its teacher takes, so the steps
    halve: --start N (the first teacher's DDIM steps) -> N/2 -> ... -> --to.
+   Or, with --consistency, consistency distillation (Song et al. 2023) with the recipe of ECT
+   (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's ODE to
+   its end, x_0, and samples in --to (1 or 2) steps.
 
 Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
@@ -21,6 +24,7 @@ ones. --minutes is the whole budget: the last round, whose student is kept, gets
 other stage one (stage_minutes).
 """
 import functools
+import math
 import os
 import time
 
@@ -45,6 +49,13 @@ def student_sampling(steps):
     return {"eta": 0.5, "guidance": 1.2, "guidance_interval": []}
 
 
+CONSISTENCY_SAMPLING = {"sampler": "ddim", "eta": 1.0, "spacing": "trailing", "clip_x0": False, "guidance": 1.2,
+                        "guidance_interval": []}
+"""How a consistency student samples: DDIM with eta = 1 from x_T, where alpha_bar_T ~ 0, is the
+consistency models' multistep sampler (Song et al. 2023 Alg. 1): x_0 = f(x_T, T), then, for
+2 steps, x_0 noised afresh to the middle level (trailing: sigma = 1) and f again."""
+
+
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("teacher", nargs="?",
@@ -55,8 +66,10 @@ def parse_args(argv=None):
                         help="time budget of all the stages; the last round gets twice a share (default: 60)")
     parser.add_argument("--start", type=runs.positive_int, default=32,
                         help="DDIM steps of the first progressive teacher (a power of two; default: 32)")
-    parser.add_argument("--to", type=runs.positive_int, default=4,
-                        help="steps of the last student (a power of two; default: 4)")
+    parser.add_argument("--to", type=runs.positive_int,
+                        help="steps of the last student (a power of two; default: 4, with --consistency 2)")
+    parser.add_argument("--consistency", action="store_true",
+                        help="after the guidance stage, one consistency stage instead of progressive rounds")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
     parser.add_argument("--guide", help="the guidance stage's guide: " + runs.GUIDE_HELP.split(": ", 1)[1])
@@ -70,13 +83,17 @@ def power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
 
-def plan(teacher_cfg, start, to):
+def plan(teacher_cfg, start, to, consistency=False):
     """The stages from this teacher: ("guidance", 0) for a conditional teacher trained by main.py,
     then ("progressive", N) for N = start/2, start/4, ..., to (a progressive teacher of S steps:
-    from S/2). A UserError for a teacher or step counts that cannot be distilled so."""
+    from S/2), or ("consistency", to). A UserError for a teacher or step counts that cannot be
+    distilled so."""
     if not (power_of_two(start) and power_of_two(to)):
         raise UserError(f"--start {start} and --to {to} must be powers of two (each round halves the steps)")
     stage, steps = teacher_cfg["distill"]["stage"], teacher_cfg["distill"]["steps"]
+    if consistency and stage not in ("", "guidance"):
+        raise UserError(f"consistency distillation starts from main.py's weights or a guidance-distilled student; "
+                        f"this teacher is a {stage} student")
     if stage == "progressive":
         start = steps
     if to >= start:
@@ -87,6 +104,8 @@ def plan(teacher_cfg, start, to):
             raise UserError("guidance distillation needs a conditional teacher (model.num_classes > 0); this one is "
                             "unconditional")
         stages.append(("guidance", 0))
+    if consistency:
+        return stages + [("consistency", to)]
     while start > to:
         start //= 2
         stages.append(("progressive", start))
@@ -109,13 +128,15 @@ def student_config(cfg, stage, steps, settings, minutes, guide=""):
     if stage == "progressive":
         cfg = helper.merge_config(cfg, {"sampling": {
             "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})
+    if stage == "consistency":
+        cfg = helper.merge_config(cfg, {"sampling": {"steps": steps, **CONSISTENCY_SAMPLING}})
     cfg = functools.reduce(helper.merge_config, settings, cfg)
     helper.validate_config(cfg)
     return cfg
 
 
 # ----------------------------------------------------------------------------------------
-# The two losses, each of (network, x_0, draws) as training.train_step calls them (draws:
+# The three losses, each of (network, x_0, draws) as training.train_step calls them (draws:
 # training.draw's t, eps, labels dropped to null as in training, and w ~ U(distill.guidance_range)).
 
 def guidance_loss(teacher, guide, sched, null, network, x_0, draws):
@@ -190,11 +211,89 @@ def progressive_loss(teacher, student_sched, teacher_sched, prediction, clip_x0,
     return (output.float() - target.float()).pow(2).mean()
 
 
+# Consistency distillation (Song et al. 2023) with ECT's recipe (Geng et al. 2024). The
+# consistency function f(x_t, t) is the x_0 the student implies at level t (with the cosine
+# schedule and v-prediction x_0 = cos(phi) x_t - sin(phi) v), and x itself for the clean image,
+# level -1: f(x, 0) = x. Trained on pairs of levels r < t of one trajectory of the guided
+# teacher's probability-flow ODE, it learns to map every point of a trajectory to its end.
+
+ECT = {"p_mean": -1.1, "p_std": 2.0,   # ln sigma ~ N(p_mean, p_std^2): the levels t trained on
+       "q": 2.0, "k": 8.0, "b": 1.0,   # the gap's schedule, gap_levels
+       "stages": 8}                    # the gap halves this many times over the stage
+
+
+def lognormal_levels(t, sigmas):
+    """ECT's noise levels, ln sigma ~ N(p_mean, p_std^2), made from training.draw's uniform levels
+    t (B,) of T by the inverse CDF, u = (t + 1/2) / T, sigma = exp(p_mean + p_std Phi^-1(u)); each
+    then the level of sigmas (T,) (ascending) nearest in log sigma."""
+    u = (t.double() + 0.5) / len(sigmas)
+    log_sigma = ECT["p_mean"] + ECT["p_std"] * math.sqrt(2) * torch.erfinv(2 * u - 1)
+    log_sigmas = sigmas.to(t.device).log()
+    above = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(sigmas) - 1)
+    return torch.where(log_sigma - log_sigmas[above - 1] < log_sigmas[above] - log_sigma, above - 1, above)
+
+
+def gap_levels(level_t, sigmas, progress):
+    """ECT's shrinking gap: at stage s = floor(progress * stages) of the run,
+        sigma_r = max(0, sigma_t (1 - q^-(s + 1) (1 + k sigmoid(-b sigma_t)))),
+    so the first stage pairs most levels with the clean image (the teacher's x_0 is the target)
+    and each later one halves the gap. Returns the level at or below sigma_r, at least one below
+    level_t (B,); -1, the clean image, where sigma_r is below the lowest level."""
+    sigmas = sigmas.to(level_t.device)
+    sigma_t, stage = sigmas[level_t], min(int(progress * ECT["stages"]), ECT["stages"] - 1)
+    ratio = 1 - ECT["q"] ** -(stage + 1) * (1 + ECT["k"] * torch.sigmoid(-ECT["b"] * sigma_t))
+    level_r = torch.searchsorted(sigmas, (ratio * sigma_t).clamp(min=0), right=True) - 1
+    return torch.minimum(level_r, level_t - 1)
+
+
+def alpha_bar_at(sched, level, shape):
+    """alpha_bar at each level (B,) of sched, 1 at level -1 (the clean image), shaped to broadcast."""
+    return helper.extract(sched.alpha_bars_prev, level + 1, shape)  # alpha_bars_prev[i] = alpha_bars[i - 1]
+
+
+def consistency_function(model, x, level, sched, prediction):
+    """f(x, level): the x_0 a model(x, t) implies at each level (B,), x itself at level -1."""
+    x_0, _, _ = helper.denoise(model, x, level.clamp(min=0), sched, prediction, False)
+    return torch.where(level.view(-1, 1, 1, 1) < 0, x, x_0)
+
+
+def teacher_step(teacher, x_t, level_t, level_r, sched, prediction):
+    """One DDIM step (eta = 0) of the teacher, a model(x, t), from x_t at level_t to level_r (B,):
+    sqrt(a_r) x_0 + sqrt(1 - a_r) eps of its (x_0, eps); at level -1 its x_0."""
+    x_0, eps, _ = helper.denoise(teacher, x_t, level_t, sched, prediction, False)
+    return helper.ddim_step(x_0, eps, alpha_bar_at(sched, level_r, x_t.shape))
+
+
+def consistency_loss(teacher, sched, prediction, network, x_0, draws):
+    """Consistency distillation at x_t of a training digit, level t ~ lognormal_levels, and
+    r = gap_levels(t): the student's f at (x_t, t) regresses its own f, without gradient, at the
+    teacher's x_r = teacher_step(x_t, t -> r). ECT's distance is the pseudo-Huber
+    sqrt(|d|^2 + c^2) - c with c = 0.00054 sqrt(dim x) (Song & Dhariwal 2023), weighted by
+    1 / (sigma_t - sigma_r)."""
+    inputs = tuple(x for x in (draws.labels, draws.w) if x is not None)
+    sigmas = sched.edm_sigmas()
+    level_t = lognormal_levels(draws.t, sigmas)
+    level_r = gap_levels(level_t, sigmas, draws.progress)
+    x_t = helper.q_sample(x_0, level_t, draws.eps, sched)
+    student = lambda x, t: network(x, t, *inputs)
+    with torch.no_grad():
+        x_r = teacher_step(lambda x, t: teacher(x, t, *inputs), x_t, level_t, level_r, sched, prediction)
+        target = consistency_function(student, x_r, level_r, sched, prediction)
+    squared = (consistency_function(student, x_t, level_t, sched, prediction) - target).pow(2).flatten(1).sum(1)
+    c = 0.00054 * x_0[0].numel() ** 0.5
+    sigmas = sigmas.to(x_0.device, torch.float32)
+    gap = sigmas[level_t] - torch.where(level_r < 0, 0.0, sigmas[level_r.clamp(min=0)])
+    return (((squared + c ** 2).sqrt() - c) / gap).mean()
+
+
 def stage_loss(cfg, teacher, guide=None):
     """The loss of the stage cfg describes, as training.train calls it."""
     if cfg["distill"]["stage"] == "guidance":
         return functools.partial(guidance_loss, teacher, guide, Schedule.from_config(cfg["diffusion"]),
                                  cfg["model"]["num_classes"])
+    if cfg["distill"]["stage"] == "consistency":
+        return functools.partial(consistency_loss, teacher, Schedule.from_config(cfg["diffusion"]),
+                                 cfg["diffusion"]["prediction"])
     schedules = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), cfg["distill"]["steps"])
     return functools.partial(progressive_loss, teacher, *schedules, cfg["diffusion"]["prediction"],
                              cfg["sampling"]["clip_x0"])
@@ -234,8 +333,10 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
         except training.RunComplete:
             print(f"{out} is finished; skipping it")
             return weights
-        rounds = f"progressive distillation to {steps} step" + "s" * (steps > 1)
-        name = "guidance distillation" if stage == "guidance" else rounds
+        name = {"guidance": "guidance distillation", "progressive": "progressive distillation",
+                "consistency": "consistency distillation"}[stage]
+        if stage != "guidance":
+            name += f" to {steps} step" + "s" * (steps > 1)
         if guide_file:
             name += f" of autoguidance by {guide_file}"
         print(f"{name} from {teacher_path}: {minutes:.1f} min budget, into {out}")
@@ -255,7 +356,8 @@ def main(argv=None):
     args = parse_args(argv)
     teacher = args.teacher or default_teacher()
     teacher_cfg = runs.load_checkpoint(teacher)["config"]
-    stages = plan(teacher_cfg, args.start, args.to)
+    to = args.to or (2 if args.consistency else 4)
+    stages = plan(teacher_cfg, args.start, to, args.consistency)
     if args.guide not in (None, "none") and stages[0][0] != "guidance":
         raise UserError(f"--guide is for the guidance stage; '{teacher}' is a guidance-distilled student already")
     for (stage, steps), minutes in zip(stages, stage_minutes(args.minutes, len(stages))):
@@ -273,6 +375,8 @@ def stage_minutes(minutes, count):
 
 
 def stage_folder(stage, steps):
+    if stage == "consistency":
+        return f"consistency-{steps}"
     return "guidance" if stage == "guidance" else f"steps-{steps}"
 
 

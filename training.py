@@ -24,15 +24,16 @@ from runs import RunError
 # ----------------------------------------------------------------------------------------
 # One step: its draws, the loss, the update and the EMA.
 
-Draws = collections.namedtuple("Draws", "t eps labels w")
+Draws = collections.namedtuple("Draws", "t eps labels w progress")
 
 
-def draw(cfg, generator, shape, rows, labels=None):
+def draw(cfg, generator, shape, rows, labels=None, progress=0.0):
     """The randomness of one training step, drawn for the whole global batch of `shape`
     (B, C, S, S) as one process would, this process's `rows` (a slice) kept, so n processes
     train on the draws of one: t uniform over the stage's levels (T, or a progressive student's
     steps); eps ~ N(0, I); each label (B / n,) replaced by the null label with probability
-    training.p_uncond (Ho & Salimans 2022 Alg. 1); a guidance student's w ~ U(distill.guidance_range)."""
+    training.p_uncond (Ho & Salimans 2022 Alg. 1); a guidance student's w ~ U(distill.guidance_range).
+    `progress`, the share of the run's steps done, rides along for losses that change over the run."""
     B, device, ds = shape[0], generator.device, cfg["distill"]
     levels = ds["steps"] if ds["stage"] == "progressive" else cfg["diffusion"]["T"]
     t = torch.randint(0, levels, (B,), generator=generator, device=device)[rows]
@@ -44,7 +45,7 @@ def draw(cfg, generator, shape, rows, labels=None):
     if cfg["model"]["guidance_embedding"]:
         low, high = ds["guidance_range"]
         w = (low + (high - low) * torch.rand(B, generator=generator, device=device))[rows]
-    return Draws(t, eps, labels, w)
+    return Draws(t, eps, labels, w, progress)
 
 
 def algorithm_1(cfg):
@@ -96,13 +97,14 @@ class Training:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
-def train_step(training, x_0, labels=None):
+def train_step(training, x_0, labels=None, progress=0.0):
     """One optimiser step on this process's rows x_0 (B / processes, C, S, S) of a global batch
-    (labels (B / processes,) for a conditional model): draws, loss, backward, clipping, update,
-    EMAs. Returns this process's loss, a float."""
+    (labels (B / processes,) for a conditional model), `progress` of the way through the run:
+    draws, loss, backward, clipping, update, EMAs. Returns this process's loss, a float."""
     tr = training.cfg["training"]
     B = len(x_0) * training.processes.count  # the global batch
-    draws = draw(training.cfg, training.generator, (B, *x_0.shape[1:]), training.processes.rows(B), labels)
+    draws = draw(training.cfg, training.generator, (B, *x_0.shape[1:]), training.processes.rows(B), labels,
+                 progress)
     with runs.autocast(x_0.device.type, training.bf16):
         loss = training.loss_of(training.network, x_0, draws)
     training.optimizer.zero_grad(set_to_none=True)
@@ -202,7 +204,8 @@ def train(cfg, out, state=None, loss_of=None, start_from=None, processes=None, p
             lr = lr_at(training.step, tr, total_steps)
             for group in training.optimizer.param_groups:
                 group["lr"] = lr
-            loss = train_step(training, data.to_model_range(images[batch]), labels[batch] if labels is not None else None)
+            loss = train_step(training, data.to_model_range(images[batch]), labels[batch] if labels is not None else None,
+                              training.step / total_steps)
             loss, signum = processes.agree(loss, stop.signum or 0)
             if not math.isfinite(loss):  # the weights in memory are spoilt; the file is not
                 kept = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"

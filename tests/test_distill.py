@@ -1,5 +1,7 @@
 """distill.py: the guided target, the two-step DDIM target against its closed form, the w
-embedding, a smoke chain of stages loading in the other scripts, exact resume, bad input."""
+embedding, a smoke chain of stages loading in the other scripts, exact resume, bad input; the
+consistency stage's target, gap schedule and noise levels, its smoke stage and resume."""
+import math
 import os
 import signal
 
@@ -189,18 +191,23 @@ def test_a_smoke_chain_halves_the_steps_and_its_students_load_everywhere(chain, 
     assert four["distill"]["steps"] == 4
     assert {key: four["sampling"][key] for key in ("eta", "guidance", "guidance_interval")} == {
         "eta": 0.6, "guidance": 1.6, "guidance_interval": [0.5, 3.0]}  # guided at its middle levels only
-    code, stdout, stderr = run_in_process("loadmodel.py", str(chain / "steps-2" / "ema.pt"), "--out", str(tmp_path))
+    assert "ddim, 2 steps" in samples_everywhere(chain / "steps-2" / "ema.pt", classifier_file, mnist_root, tmp_path)
+
+
+def samples_everywhere(weights, classifier_file, mnist_root, out, *evaluate_args):
+    """A 2-step student draws in loadmodel.py (its own two steps), edit.py and evaluate.py; returns
+    evaluate.py's table."""
+    code, _, stderr = run_in_process("loadmodel.py", str(weights), "--out", str(out))
     assert code == 0, stderr
     assert "ddim" in stderr and "| 0/2 [" in stderr  # its own two steps (the bar opens at 0/2; a fast last step may not redraw)
-    assert np.load(tmp_path / "samples.npz")["arr_0"].shape[1:] == (28, 28, 1)
-    code, _, stderr = run_in_process("edit.py", "interpolate", str(chain / "steps-2" / "ema.pt"), "--out",
-                                     str(tmp_path))
+    assert np.load(out / "samples.npz")["arr_0"].shape[1:] == (28, 28, 1)
+    code, _, stderr = run_in_process("edit.py", "interpolate", str(weights), "--out", str(out))
     assert code == 0, stderr
-    code, stdout, stderr = run_in_process("evaluate.py", str(chain / "steps-2" / "ema.pt"), "--num-samples", "40",
-                                          "--no-compile", "--data-root", mnist_root, "--out", str(tmp_path),
-                                          "--classifier", str(classifier_file[0]))
+    code, _, stderr = run_in_process("evaluate.py", str(weights), "--num-samples", "40", "--no-compile", "--data-root",
+                                     mnist_root, "--out", str(out), "--classifier", str(classifier_file[0]),
+                                     *evaluate_args)
     assert code == 0, stderr
-    assert "ddim, 2 steps" in (tmp_path / "eval.md").read_text()
+    return (out / "eval.md").read_text()
 
 
 def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root, tmp_path, monkeypatch):
@@ -266,6 +273,128 @@ def test_teachers_of_the_wrong_kind_are_one_line(trained, chain, tmp_path):
     code, _, stderr = run_in_process("distill.py", str(chain / "steps-2" / "ema.pt"), "--to", "2", "--out",
                                      str(tmp_path))
     assert_one_line_error(code, stderr, "the teacher samples in 2 steps: nothing to distil to 2")
+
+
+# ----------------------------------------------------------------------------------------
+# Consistency distillation.
+
+def exact_network(x_0, sched):
+    """The v-prediction network of data that is x_0 alone (B, C, S, S), as model(x, t, *inputs) on
+    sched's levels: every point of its ODE trajectories maps to x_0."""
+    def network(x_t, t, *inputs):
+        eps = (x_t - helper.extract(sched.alpha_bars.sqrt(), t, x_t.shape) * x_0) / \
+            helper.extract((1 - sched.alpha_bars).sqrt(), t, x_t.shape)
+        return helper.training_target(x_0, eps, t, sched, "v")
+    return network
+
+
+def test_the_consistency_target_is_one_exact_ddim_step_and_f_is_x_at_the_clean_level():
+    sched = Schedule(helper.cosine_betas(64))
+    generator = torch.Generator().manual_seed(0)
+    x_0, eps = torch.rand(2, 6, 1, 28, 28, generator=generator) * 2 - 1
+    teacher = exact_network(x_0, sched)
+    level_t, level_r = torch.tensor([63, 40, 20, 5, 1, 30]), torch.tensor([62, 10, -1, 4, 0, -1])
+    x_t = helper.q_sample(x_0, level_t, eps, sched)
+    x_r = distill.teacher_step(teacher, x_t, level_t, level_r, sched, "v")
+    a_r = torch.tensor([sched.alpha_bars[r].item() if r >= 0 else 1.0 for r in level_r]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_r, a_r.sqrt() * x_0 + (1 - a_r).sqrt() * eps, rtol=1e-4, atol=1e-4)  # same eps
+    torch.testing.assert_close(distill.consistency_function(teacher, x_r, level_r, sched, "v"), x_0,
+                               rtol=1e-4, atol=1e-4)
+    clean = level_r < 0
+    assert torch.equal(distill.consistency_function(teacher, x_t, torch.full((6,), -1), sched, "v"), x_t)
+    assert torch.equal(x_r[clean], distill.consistency_function(teacher, x_t, level_t, sched, "v")[clean])
+
+
+def test_the_consistency_loss_is_zero_for_a_consistent_student_and_positive_otherwise():
+    _, cfg = conditional_model()
+    cfg = helper.merge_config(cfg, {"model": {"guidance_embedding": True},
+                                    "diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
+    sched = Schedule.from_config(cfg["diffusion"])
+    x_0 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "consistency", "steps": 2}}),
+                                 exact_network(x_0, sched))
+    for progress in (0.0, 0.5, 0.99):
+        draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(16) % 10,
+                              progress)
+        assert loss_of(exact_network(x_0, sched), x_0, draws).item() < 1e-5
+        assert loss_of(exact_network(x_0.flip(0), sched), x_0, draws).item() > 1.0
+
+
+def test_the_gap_starts_at_the_clean_image_halves_with_each_stage_and_stays_below_t():
+    sigmas = Schedule(helper.cosine_betas(1000)).edm_sigmas()
+    level_t, gaps = torch.arange(1000), []
+    for stage in range(distill.ECT["stages"]):
+        level_r = distill.gap_levels(level_t, sigmas, (stage + 0.5) / distill.ECT["stages"])
+        assert (level_r < level_t).all() and (level_r >= -1).all()
+        gaps.append((1 - torch.where(level_r < 0, 0.0, sigmas[level_r.clamp(min=0)]) / sigmas).mean().item())
+        for t, r in zip(level_t.tolist(), level_r.tolist()):
+            sigma_t = sigmas[t].item()
+            sigma_r = max(0.0, sigma_t * (1 - 2 ** -(stage + 1) * (1 + 8 * math.exp(-sigma_t) / (1 + math.exp(-sigma_t)))))
+            if r == t - 1:  # at least one level down
+                assert r == -1 or sigmas[r].item() <= sigma_r or sigmas[t - 1].item() > sigma_r
+            else:  # the level at or below sigma_r
+                assert (r == -1 or sigmas[r].item() <= sigma_r) and sigmas[r + 1].item() > sigma_r
+        if stage == 0:  # below sigma = ln 7 every level's pair is the clean image
+            assert (level_r[sigmas < math.log(7) - 1e-3] == -1).all()
+    assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])) and gaps[-1] < 0.05, gaps
+
+
+def test_the_levels_trained_on_are_lognormal_in_sigma():
+    sigmas = Schedule(helper.cosine_betas(1000)).edm_sigmas()
+    log_sigma = sigmas[distill.lognormal_levels(torch.arange(1000), sigmas)].log()
+    p_mean, p_std = distill.ECT["p_mean"], distill.ECT["p_std"]
+    assert abs(log_sigma.median().item() - p_mean) < 0.05
+    assert abs(((log_sigma - p_mean).abs() < p_std).double().mean().item() - 0.6827) < 0.01
+
+
+def consistency_stage(teacher, out, mnist_root):
+    return ["distill.py", str(teacher), "--consistency", "--out", str(out), "--data-root", mnist_root,
+            "--set", "training.minutes=0", "--set", "training.steps=6"]
+
+
+@pytest.fixture(scope="module")
+def consistency(chain, mnist_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("consistency")
+    code, stdout, stderr = run_in_process(*consistency_stage(chain / "guidance" / "ema.pt", out, mnist_root))
+    assert code == 0, stderr
+    assert "consistency distillation to 2 steps" in stdout
+    return out
+
+
+def test_a_smoke_consistency_stage_samples_in_its_steps_everywhere(consistency, classifier_file, mnist_root,
+                                                                    tmp_path):
+    weights = consistency / "consistency-2" / "ema.pt"
+    state = runs.load_checkpoint(str(weights))
+    assert state["config"]["distill"]["stage"] == "consistency" and state["config"]["distill"]["steps"] == 2
+    assert {key: state["config"]["sampling"][key] for key in distill.CONSISTENCY_SAMPLING} == \
+        distill.CONSISTENCY_SAMPLING and state["config"]["sampling"]["steps"] == 2 and state["step"] == 6
+    assert "ddim, 1 steps" in samples_everywhere(weights, classifier_file, mnist_root, tmp_path, "--steps", "1")
+
+
+def test_an_interrupted_consistency_stage_resumes_exactly(consistency, chain, mnist_root, tmp_path, monkeypatch):
+    real, calls = distill.consistency_loss, []
+
+    def interrupted(*args):  # Ctrl-C during the 4th step
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(distill, "consistency_loss", interrupted)
+    args = consistency_stage(chain / "guidance" / "ema.pt", tmp_path, mnist_root)
+    code, _, stderr = run_in_process(*args)
+    assert code == 128 + signal.SIGINT, stderr
+    assert runs.load_checkpoint(str(tmp_path / "consistency-2" / "ckpt.pt"))["step"] == 4
+    monkeypatch.setattr(distill, "consistency_loss", real)
+    code, _, stderr = run_in_process(*args)
+    assert code == 0, stderr
+    assert_same_run(tmp_path / "consistency-2" / "ckpt.pt", consistency / "consistency-2" / "ckpt.pt")
+
+
+def test_a_consistency_stage_from_a_few_step_student_is_one_line(chain, tmp_path):
+    code, _, stderr = run_in_process("distill.py", str(chain / "steps-2" / "ema.pt"), "--consistency", "--out",
+                                     str(tmp_path))
+    assert_one_line_error(code, stderr, "consistency distillation starts from main.py's weights or a guidance")
 
 
 STUDENT = os.path.join(os.path.dirname(runs.PRETRAINED), "mnist-cpu-4steps.pt")
