@@ -11,9 +11,9 @@
 2. Progressive distillation (Salimans & Ho 2022, Algorithm 2): each round a student, copied
    from its teacher, learns in one DDIM step the two DDIM steps its teacher takes, so the steps
    halve: --start N (the first teacher's DDIM steps) -> N/2 -> ... -> --to.
-   Or, with --consistency, consistency distillation (Song et al. 2023) with the recipe of ECT
-   (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's ODE to
-   its end, x_0, and samples in --to (1 or 2) steps.
+   Or, with --consistency, consistency distillation (Song et al. 2023) with ECT's gap and
+   distance (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's
+   ODE to its end, x_0, and samples in --to (1 or 2) steps.
 
 Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
@@ -24,7 +24,6 @@ ones. --minutes is the whole budget: the last round, whose student is kept, gets
 other stage one (stage_minutes).
 """
 import functools
-import math
 import os
 import time
 
@@ -49,11 +48,12 @@ def student_sampling(steps):
     return {"eta": 0.5, "guidance": 1.2, "guidance_interval": []}
 
 
-CONSISTENCY_SAMPLING = {"sampler": "ddim", "eta": 1.0, "spacing": "trailing", "clip_x0": False, "guidance": 1.2,
+CONSISTENCY_SAMPLING = {"sampler": "ddim", "eta": 1.0, "spacing": "trailing", "clip_x0": False, "guidance": 2.0,
                         "guidance_interval": []}
 """How a consistency student samples: DDIM with eta = 1 from x_T, where alpha_bar_T ~ 0, is the
 consistency models' multistep sampler (Song et al. 2023 Alg. 1): x_0 = f(x_T, T), then, for
-2 steps, x_0 noised afresh to the middle level (trailing: sigma = 1) and f again."""
+2 steps, x_0 noised afresh to the middle level (trailing: sigma = 1) and f again. w = 2 scored
+better than 1.2 (docs/distill.md)."""
 
 
 def parse_args(argv=None):
@@ -211,26 +211,14 @@ def progressive_loss(teacher, student_sched, teacher_sched, prediction, clip_x0,
     return (output.float() - target.float()).pow(2).mean()
 
 
-# Consistency distillation (Song et al. 2023) with ECT's recipe (Geng et al. 2024). The
+# Consistency distillation (Song et al. 2023) with ECT's gap and distance (Geng et al. 2024). The
 # consistency function f(x_t, t) is the x_0 the student implies at level t (with the cosine
 # schedule and v-prediction x_0 = cos(phi) x_t - sin(phi) v), and x itself for the clean image,
 # level -1: f(x, 0) = x. Trained on pairs of levels r < t of one trajectory of the guided
 # teacher's probability-flow ODE, it learns to map every point of a trajectory to its end.
 
-ECT = {"p_mean": -1.1, "p_std": 2.0,   # ln sigma ~ N(p_mean, p_std^2): the levels t trained on
-       "q": 2.0, "k": 8.0, "b": 1.0,   # the gap's schedule, gap_levels
-       "stages": 8}                    # the gap halves this many times over the stage
-
-
-def lognormal_levels(t, sigmas):
-    """ECT's noise levels, ln sigma ~ N(p_mean, p_std^2), made from training.draw's uniform levels
-    t (B,) of T by the inverse CDF, u = (t + 1/2) / T, sigma = exp(p_mean + p_std Phi^-1(u)); each
-    then the level of sigmas (T,) (ascending) nearest in log sigma."""
-    u = (t.double() + 0.5) / len(sigmas)
-    log_sigma = ECT["p_mean"] + ECT["p_std"] * math.sqrt(2) * torch.erfinv(2 * u - 1)
-    log_sigmas = sigmas.to(t.device).log()
-    above = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(sigmas) - 1)
-    return torch.where(log_sigma - log_sigmas[above - 1] < log_sigmas[above] - log_sigma, above - 1, above)
+ECT = {"q": 2.0, "k": 8.0, "b": 1.0,   # the gap's schedule, gap_levels
+       "stages": 4}                    # the gap halves this many times over the consistency stage
 
 
 def gap_levels(level_t, sigmas, progress):
@@ -265,14 +253,14 @@ def teacher_step(teacher, x_t, level_t, level_r, sched, prediction):
 
 
 def consistency_loss(teacher, sched, prediction, network, x_0, draws):
-    """Consistency distillation at x_t of a training digit, level t ~ lognormal_levels, and
-    r = gap_levels(t): the student's f at (x_t, t) regresses its own f, without gradient, at the
-    teacher's x_r = teacher_step(x_t, t -> r). ECT's distance is the pseudo-Huber
-    sqrt(|d|^2 + c^2) - c with c = 0.00054 sqrt(dim x) (Song & Dhariwal 2023), weighted by
-    1 / (sigma_t - sigma_r)."""
+    """Consistency distillation at x_t of a training digit, level t uniform over the T levels (as
+    Song et al. draw it: the top level, where sampling starts, is trained too; ECT's log-normal
+    levels never reached it and scored worse, docs/distill.md) and r = gap_levels(t): the
+    student's f at (x_t, t) regresses its own f, without gradient, at the teacher's
+    x_r = teacher_step(x_t, t -> r). ECT's distance is the pseudo-Huber sqrt(|d|^2 + c^2) - c
+    with c = 0.00054 sqrt(dim x) (Song & Dhariwal 2023), weighted by 1 / (sigma_t - sigma_r)."""
     inputs = tuple(x for x in (draws.labels, draws.w) if x is not None)
-    sigmas = sched.edm_sigmas()
-    level_t = lognormal_levels(draws.t, sigmas)
+    sigmas, level_t = sched.edm_sigmas(), draws.t
     level_r = gap_levels(level_t, sigmas, draws.progress)
     x_t = helper.q_sample(x_0, level_t, draws.eps, sched)
     student = lambda x, t: network(x, t, *inputs)
