@@ -32,6 +32,7 @@ import torch
 import guidance
 import helper
 import runs
+import samplers
 import training
 from helper import Schedule, UserError
 from model import Model
@@ -182,8 +183,8 @@ def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
     """Two DDIM steps (eta = 0) of the teacher (a model(x, t)) from x_t at the student's level k
     (B,): its levels 2k + 1 -> 2k -> 2k - 1 (clean after level 0)."""
     for level in (student_level_in_teacher(k), student_level_in_teacher(k) - 1):
-        x_0, eps, _ = helper.denoise(teacher, x_t, level, teacher_sched, prediction, clip_x0)
-        x_t = helper.ddim_step(x_0, eps, helper.extract(teacher_sched.alpha_bars_prev, level, x_t.shape))
+        x_0, eps, _ = samplers.denoise(teacher, x_t, level, teacher_sched, prediction, clip_x0)
+        x_t = samplers.ddim_step(x_0, eps, helper.extract(teacher_sched.alpha_bars_prev, level, x_t.shape))
     return x_t
 
 
@@ -241,15 +242,15 @@ def alpha_bar_at(sched, level, shape):
 
 def consistency_function(model, x, level, sched, prediction):
     """f(x, level): the x_0 a model(x, t) implies at each level (B,), x itself at level -1."""
-    x_0, _, _ = helper.denoise(model, x, level.clamp(min=0), sched, prediction, False)
+    x_0, _, _ = samplers.denoise(model, x, level.clamp(min=0), sched, prediction, False)
     return torch.where(level.view(-1, 1, 1, 1) < 0, x, x_0)
 
 
 def teacher_step(teacher, x_t, level_t, level_r, sched, prediction):
     """One DDIM step (eta = 0) of the teacher, a model(x, t), from x_t at level_t to level_r (B,):
     sqrt(a_r) x_0 + sqrt(1 - a_r) eps of its (x_0, eps); at level -1 its x_0."""
-    x_0, eps, _ = helper.denoise(teacher, x_t, level_t, sched, prediction, False)
-    return helper.ddim_step(x_0, eps, alpha_bar_at(sched, level_r, x_t.shape))
+    x_0, eps, _ = samplers.denoise(teacher, x_t, level_t, sched, prediction, False)
+    return samplers.ddim_step(x_0, eps, alpha_bar_at(sched, level_r, x_t.shape))
 
 
 def consistency_loss(teacher, sched, prediction, network, x_0, draws):

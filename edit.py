@@ -17,6 +17,7 @@ from tqdm import tqdm
 import data
 import helper
 import runs
+import samplers
 from helper import UserError
 
 MASKS = ["top", "bottom", "left", "right", "centre"]
@@ -47,14 +48,14 @@ def repaint(model, x_T, sched, x_known, known, prediction, variance, clip_x0, ge
     for i in tqdm(range(sched.T - 1, -1, -1), desc="repaint", disable=not progress, leave=False):
         i_batch = torch.full((len(x_t),), i, device=x_t.device, dtype=torch.long)
         for u in range(resample):
-            generated = helper.ddpm_step(model, x_t, i, sched, prediction, sigmas, clip_x0, generator)
+            generated = samplers.ddpm_step(model, x_t, i, sched, prediction, sigmas, clip_x0, generator)
             if i > 0:
-                x_known_prev = helper.q_sample(x_known, i_batch - 1, helper.noise_like(x_known, generator), sched)
+                x_known_prev = helper.q_sample(x_known, i_batch - 1, samplers.noise_like(x_known, generator), sched)
             else:
                 x_known_prev = x_known
             x_prev = known * x_known_prev + (1 - known) * generated
             if u < resample - 1 and i > 0:
-                x_t = helper.q_sample_step(x_prev, i_batch, helper.noise_like(x_prev, generator), sched)
+                x_t = helper.q_sample_step(x_prev, i_batch, samplers.noise_like(x_prev, generator), sched)
         x_t = x_prev
     return x_t
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 import data
 import guidance
 import helper
+import samplers
 from helper import Schedule, UserError
 from model import Model
 
@@ -292,13 +293,13 @@ def run_sampler(model, x_T, sched, cfg, generator, trajectory_of=None, progress=
     s, prediction = cfg["sampling"], cfg["diffusion"]["prediction"]
     common = dict(prediction=prediction, clip_x0=s["clip_x0"], trajectory_of=trajectory_of, progress=progress)
     if s["sampler"] == "ddpm":
-        return helper.ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
+        return samplers.ddpm_sample(model, x_T, sched, variance=s["variance"], generator=generator, **common)
     if s["sampler"] == "ddim":
-        return helper.ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
+        return samplers.ddim_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
     if s["sampler"] == "heun":  # stops at sched's levels; its churn may reach any of the T levels between them
-        return helper.heun_sample(model, x_T, Schedule.from_config(cfg["diffusion"]), eta=s["eta"], generator=generator,
+        return samplers.heun_sample(model, x_T, Schedule.from_config(cfg["diffusion"]), eta=s["eta"], generator=generator,
                            stops=sched.timesteps.tolist(), **common)
-    return helper.dpm_solver_pp_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
+    return samplers.dpm_solver_pp_sample(model, x_T, sched, eta=s["eta"], generator=generator, **common)
 
 
 def sampler_stops(sampler, steps):

@@ -13,6 +13,7 @@ import distill
 import guidance
 import helper
 import runs
+import samplers
 import training
 from helper import Schedule
 from model import Model
@@ -123,7 +124,7 @@ def test_one_ddim_step_to_the_two_step_target_lands_where_two_steps_landed():
     for alpha_bar_t, alpha_bar_next in [(0.1, 0.5), (0.6, 0.9), (0.3, 1.0)]:  # 1.0: the last step, to x_0
         x_0 = distill.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
         eps = (x_t - alpha_bar_t ** 0.5 * x_0) / (1 - alpha_bar_t) ** 0.5  # what x_0 implies at x_t
-        torch.testing.assert_close(helper.ddim_step(x_0, eps, alpha_bar_next), x_next, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(samplers.ddim_step(x_0, eps, alpha_bar_next), x_next, rtol=1e-5, atol=1e-5)
 
 
 def test_ddim_step_is_the_ddim_samplers_step():
@@ -132,11 +133,11 @@ def test_ddim_step_is_the_ddim_samplers_step():
     x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     network = guidance.Guided(model, torch.tensor([1, 2, 3, 4]), 1.0, 10)
     with torch.no_grad():
-        sampled = helper.ddim_sample(network, x_T, sched, prediction="v", progress=False)
+        sampled = samplers.ddim_sample(network, x_T, sched, prediction="v", progress=False)
         x = x_T
         for i in (1, 0):
-            x_0, eps, _ = helper.denoise(network, x, i, sched, "v", False)
-            x = helper.ddim_step(x_0, eps, sched.alpha_bars_prev[i].item())
+            x_0, eps, _ = samplers.denoise(network, x, i, sched, "v", False)
+            x = samplers.ddim_step(x_0, eps, sched.alpha_bars_prev[i].item())
     torch.testing.assert_close(x, sampled, rtol=1e-5, atol=1e-5)
 
 
@@ -158,8 +159,8 @@ def test_a_student_that_outputs_its_target_samples_as_its_teacher_at_twice_the_s
 
     x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        two_n = helper.ddim_sample(teacher_net, x_T, teacher_sched, prediction="v", clip_x0=True, progress=False)
-        n = helper.ddim_sample(oracle, x_T, student_sched, prediction="v", clip_x0=False, progress=False)
+        two_n = samplers.ddim_sample(teacher_net, x_T, teacher_sched, prediction="v", clip_x0=True, progress=False)
+        n = samplers.ddim_sample(oracle, x_T, student_sched, prediction="v", clip_x0=False, progress=False)
     assert student_sched.T == steps and teacher_sched.T == 2 * steps
     assert set(student_sched.timesteps.tolist()) <= set(teacher_sched.timesteps.tolist())
     torch.testing.assert_close(n, two_n, rtol=1e-4, atol=1e-4)

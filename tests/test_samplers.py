@@ -4,6 +4,7 @@ import torch
 
 import helper
 import runs
+import samplers
 from helper import Schedule
 
 MU, STD = 0.3, 0.5  # data: x_0 ~ N(MU, STD^2) in every pixel
@@ -32,7 +33,7 @@ def x_T(n=20000, seed=0):
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
 def test_ddpm_recovers_gaussian_data(prediction, variance):
     sched = Schedule(helper.cosine_betas(200))
-    samples = helper.ddpm_sample(OptimalGaussianDenoiser(sched, prediction), x_T().float(), sched, prediction,
+    samples = samplers.ddpm_sample(OptimalGaussianDenoiser(sched, prediction), x_T().float(), sched, prediction,
                                  variance, generator=torch.Generator().manual_seed(1), progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
@@ -47,7 +48,7 @@ def respaced(T, steps, spacing="trailing"):
 @pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
 def test_ddim_recovers_gaussian_data(steps, spacing):
     full, sched = respaced(1000, steps, spacing)
-    samples = helper.ddim_sample(OptimalGaussianDenoiser(full, "v"), x_T().float(), sched, "v", progress=False)
+    samples = samplers.ddim_sample(OptimalGaussianDenoiser(full, "v"), x_T().float(), sched, "v", progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
 
@@ -56,7 +57,7 @@ def test_ddim_recovers_gaussian_data(steps, spacing):
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
     full, sched = respaced(1000, steps)
-    samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
+    samples = samplers.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
                                           prediction, progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
@@ -66,7 +67,7 @@ def test_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_sde_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction):
     full, sched = respaced(1000, steps)
-    samples = helper.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
+    samples = samplers.dpm_solver_pp_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), sched,
                                           prediction, eta=1.0, generator=torch.Generator().manual_seed(1),
                                           progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
@@ -78,7 +79,7 @@ def test_sde_dpm_solver_pp_recovers_gaussian_data_in_few_steps(steps, prediction
 def test_heun_recovers_gaussian_data_in_eleven_stops(eta, prediction):
     """EDM's sampler at 20 evaluations, deterministic (Heun on the ODE) and with the most churn."""
     full = Schedule(helper.cosine_betas(1000))
-    samples = helper.heun_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), full, prediction,
+    samples = samplers.heun_sample(OptimalGaussianDenoiser(full, prediction), x_T().float(), full, prediction,
                                  eta=eta, generator=torch.Generator().manual_seed(1), progress=False,
                                  stops=helper.spaced_timesteps(1000, 11, "trailing"))
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
@@ -130,14 +131,14 @@ def test_sde_dpm_solver_pp_first_order_step_is_ddpm_with_beta_tilde():
     DDPM Algorithm 2 with sigma^2 = beta_tilde, noise draw for noise draw."""
     full, sched = respaced(1000, 2)
     model, start = OptimalGaussianDenoiser(full, "eps"), x_T(64).float()
-    sde = helper.dpm_solver_pp_sample(model, start, sched, "eps", eta=1.0,
+    sde = samplers.dpm_solver_pp_sample(model, start, sched, "eps", eta=1.0,
                                       generator=torch.Generator().manual_seed(3), progress=False)
-    ddpm = helper.ddpm_sample(model, start, sched, "eps", "beta_tilde",
+    ddpm = samplers.ddpm_sample(model, start, sched, "eps", "beta_tilde",
                               generator=torch.Generator().manual_seed(3), progress=False)
     torch.testing.assert_close(sde, ddpm, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", [helper.ddim_sample, helper.dpm_solver_pp_sample, helper.heun_sample])
+@pytest.mark.parametrize("sampler", [samplers.ddim_sample, samplers.dpm_solver_pp_sample, samplers.heun_sample])
 def test_stochastic_samplers_without_noise_are_their_deterministic_solvers(sampler):
     """eta = 0 ignores the generator; eta > 0 uses it."""
     full, sched = respaced(100, 10)
@@ -151,7 +152,7 @@ def test_stochastic_samplers_without_noise_are_their_deterministic_solvers(sampl
 
 def test_respaced_ddpm_recovers_gaussian_data():
     full, sched = respaced(1000, 100)
-    samples = helper.ddpm_sample(OptimalGaussianDenoiser(full, "eps"), x_T().float(), sched, "eps", "beta_tilde",
+    samples = samplers.ddpm_sample(OptimalGaussianDenoiser(full, "eps"), x_T().float(), sched, "eps", "beta_tilde",
                                  generator=torch.Generator().manual_seed(1), progress=False)
     assert samples.mean().item() == pytest.approx(MU, abs=0.02)
     assert samples.std().item() == pytest.approx(STD, rel=0.05)
@@ -167,7 +168,7 @@ def test_respacing_keeps_alpha_bar_at_the_kept_steps():
 def test_trajectory_runs_from_x_T_to_the_returned_sample():
     sched = Schedule(helper.linear_betas(10, 1e-4, 0.1))
     start = x_T(4).float()
-    samples, trajectory = helper.ddpm_sample(OptimalGaussianDenoiser(sched, "eps"), start, sched,
+    samples, trajectory = samplers.ddpm_sample(OptimalGaussianDenoiser(sched, "eps"), start, sched,
                                              trajectory_of=torch.tensor([3, 1]), progress=False)
     assert trajectory.shape == (2, 11, 1, 1, 1)
     assert torch.equal(trajectory[:, 0], start[[3, 1]]) and torch.equal(trajectory[:, -1], samples[[3, 1]])
@@ -180,11 +181,11 @@ def test_ddim_with_many_steps_is_invertible():
     x_0 = (MU + STD * x_T(64, seed=5)).float()
     x_t = x_0
     for i in range(sched.T):  # encode: step i-1 -> i along the same deterministic update
-        _, eps, _ = helper.denoise(model, x_t, i, sched, "eps", False)
+        _, eps, _ = samplers.denoise(model, x_t, i, sched, "eps", False)
         a, a_prev = sched.alpha_bars[i].item(), sched.alpha_bars_prev[i].item()
         x_0_hat = (x_t - (1 - a_prev) ** 0.5 * eps) / a_prev ** 0.5
         x_t = a ** 0.5 * x_0_hat + (1 - a) ** 0.5 * eps
-    decoded = helper.ddim_sample(model, x_t, sched, "eps", progress=False)
+    decoded = samplers.ddim_sample(model, x_t, sched, "eps", progress=False)
     torch.testing.assert_close(decoded, x_0, rtol=0, atol=0.02)
 
 
