@@ -19,10 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+import config
 import helper
 import processes
 import runs
-from helper import UserError
+from config import UserError
 
 # name -> (bf16 autocast, torch.compile, inductor's own layouts)
 VARIANTS = {
@@ -117,7 +118,7 @@ def run_variant(preset, device, name, sample_batch, with_profile=False):
     """Train-step and sampling throughput of one variant; runs in its own process."""
     import training
     bf16, compile_model, layouts = VARIANTS[name]
-    cfg = helper.merge_config(helper.get_config(preset), {"training": {
+    cfg = config.merge_config(config.get_config(preset), {"training": {
         "bf16": "on" if bf16 else "off", "compile": compile_model, "device": device}})
     tr, sched = cfg["training"], helper.Schedule.from_config(cfg["diffusion"])
     run = training.new_training(cfg, device, processes.Processes(device), training.algorithm_1(cfg))
@@ -170,7 +171,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = helper.get_config(args.preset)
+    cfg = config.get_config(args.preset)
     device = runs.resolve_device(args.device)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]

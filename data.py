@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helper import UserError
+from config import UserError
 
 DATASETS = {  # --data name -> torchvision class, its keyword arguments, its folder under --data-root
     "mnist": ("MNIST", {}, "MNIST/raw"),

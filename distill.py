@@ -29,12 +29,14 @@ import time
 
 import torch
 
+import config
 import guidance
 import helper
 import runs
 import samplers
 import training
-from helper import Schedule, UserError
+from helper import Schedule
+from config import UserError
 from model import Model
 
 
@@ -119,20 +121,20 @@ def student_config(cfg, stage, steps, settings, minutes, guide=""):
     on distill.lr for `minutes`; a progressive student samples with DDIM at its steps. `settings`
     (--set) apply last."""
     settings = [runs.parse_setting(setting) for setting in settings]
-    lr = functools.reduce(helper.merge_config, settings, cfg)["distill"]["lr"]
-    cfg = helper.merge_config(cfg, {
+    lr = functools.reduce(config.merge_config, settings, cfg)["distill"]["lr"]
+    cfg = config.merge_config(cfg, {
         "model": {"guidance_embedding": cfg["model"]["num_classes"] > 0},
         "distill": {"stage": stage, "steps": steps, **({"guide": guide} if stage == "guidance" else {})},
         "training": {"lr": lr, "warmup_steps": 0, "lr_decay": "cosine", "minutes": minutes, "steps": 0,
                      "extra_ema_decays": [], "guides": []},
         "sampling": {"guide": ""}})  # a student takes w as its input: its guidance is learnt
     if stage == "progressive":
-        cfg = helper.merge_config(cfg, {"sampling": {
+        cfg = config.merge_config(cfg, {"sampling": {
             "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})
     if stage == "consistency":
-        cfg = helper.merge_config(cfg, {"sampling": {"steps": steps, **CONSISTENCY_SAMPLING}})
-    cfg = functools.reduce(helper.merge_config, settings, cfg)
-    helper.validate_config(cfg)
+        cfg = config.merge_config(cfg, {"sampling": {"steps": steps, **CONSISTENCY_SAMPLING}})
+    cfg = functools.reduce(config.merge_config, settings, cfg)
+    config.validate_config(cfg)
     return cfg
 
 

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import helper
 import runs
 import samplers
-from helper import UserError
+from config import UserError
 
 MASKS = ["top", "bottom", "left", "right", "centre"]
 
@@ -121,7 +122,7 @@ def inpaint(args, model, cfg, device, out, guide):
 
 
 def interpolate(args, model, cfg, device, out, guide):
-    cfg = helper.with_sampling(cfg, eta=0.0)  # deterministic: the strip is a function of the noise
+    cfg = config.with_sampling(cfg, eta=0.0)  # deterministic: the strip is a function of the noise
     size, F = cfg["data"]["image_size"], args.frames
     shape = (args.pairs, cfg["data"]["channels"], size, size)
     z_0, z_1 = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in args.seeds)

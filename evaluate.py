@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import config
 import data
-import helper
 import runs
-from helper import UserError
+from config import UserError
 
 # (sampler, network evaluations); 0: the full chain of T steps
 SWEEP = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50),
@@ -247,7 +247,7 @@ def read_npz(path, name, root):
 def generate(model, cfg, sampler, steps, num_samples, seed, device, labels=None, guide=None):
     """Sample num_samples digits with the given sampler (guided towards `labels` (N,) for a
     conditional model, by `guide` if given); returns uint8 (N, S, S, C) and seconds."""
-    cfg = helper.with_sampling(cfg, sampler=sampler, steps=steps)
+    cfg = config.with_sampling(cfg, sampler=sampler, steps=steps)
     start = time.perf_counter()
     digits, _ = runs.sample_digits(model, cfg, num_samples, seed, device, labels, desc=f"{sampler}-{steps or 'T'}",
                                    guide=guide)
@@ -268,7 +268,7 @@ def warm_up(model, cfg, guidances, n, seed, device, labels=None, guide=None):
         if weight_of_call.get(call, 1.0) == 1.0:
             weight_of_call[call] = w
     for w in weight_of_call.values():
-        warm = helper.with_sampling(cfg, guidance=w, guidance_interval=[])
+        warm = config.with_sampling(cfg, guidance=w, guidance_interval=[])
         generate(model, warm, "ddim", 1, batch, seed, device, None if labels is None else labels[:batch], guide)
     print(f"compiled the sampling network for network batches of {' and '.join(map(str, sorted(weight_of_call)))} "
           f"in {time.perf_counter() - start:.0f} s")
@@ -346,10 +346,10 @@ def plot_guidance(rows, path):
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("input", help="a checkpoint from main.py, or an .npz of uint8 digits (key arr_0)")
-    parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
+    parser.add_argument("--sampler", choices=config.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=runs.positive_int, help="sampler steps (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=runs.ETA_HELP)
-    parser.add_argument("--spacing", choices=helper.SPACINGS,
+    parser.add_argument("--spacing", choices=config.SPACINGS,
                         help="which levels a sampler of fewer than T steps keeps (default: the checkpoint's)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
     parser.add_argument("--guide", help=runs.GUIDE_HELP)
@@ -391,7 +391,7 @@ def main(argv=None):
     if is_npz:
         model, cfg, guide, guide_file = None, None, None, None
         digits, labels, data_cfg = read_npz(args.input, data.data_name(args.data),
-                                            args.data_root or helper.config["data"]["root"])
+                                            args.data_root or config.config["data"]["root"])
     else:
         if args.data != "mnist":
             raise UserError("--data is for an .npz input: a checkpoint is scored against the data it was trained on")
@@ -429,7 +429,7 @@ def main(argv=None):
             warm_up(model, cfg, guidances, n, args.seed, device, labels, guide)
         for sampler, steps in settings:
             for w in guidances:
-                row_cfg = cfg if w is None else helper.with_sampling(cfg, guidance=w)
+                row_cfg = cfg if w is None else config.with_sampling(cfg, guidance=w)
                 samples, seconds = generate(model, row_cfg, sampler, steps, n, args.seed, device, labels, guide)
                 nfe = runs.sampler_evaluations(sampler, runs.sampler_stops(sampler, steps or cfg["diffusion"]["T"]))
                 row = {"name": f"{sampler}, {nfe} steps", "sampler": sampler, "nfe": nfe,
@@ -440,7 +440,7 @@ def main(argv=None):
                 if sampler != "ddpm" and cfg["sampling"]["eta"] > 0:
                     row["eta"] = cfg["sampling"]["eta"]
                     row["name"] += f", eta = {row['eta']:g}"
-                if cfg["sampling"]["spacing"] != helper.config["sampling"]["spacing"]:
+                if cfg["sampling"]["spacing"] != config.config["sampling"]["spacing"]:
                     row["spacing"] = cfg["sampling"]["spacing"]
                     row["name"] += f", {row['spacing']} spacing"
                 if guide is not None:

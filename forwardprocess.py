@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+import config
 import data
 import helper
 import runs
@@ -36,7 +37,7 @@ def markov_chain(x_0, sched, generator):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = helper.get_config(args.preset)
+    cfg = config.get_config(args.preset)
     name = data.data_name(args.data)
     root = args.data_root or cfg["data"]["root"]
     size = data.read_data(name, root, True).images[0].shape[-1]  # the first image's size: any other is resized

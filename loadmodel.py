@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
+import config
 import data
-import helper
 import runs
 
 GRID_MAX = 256  # samples shown in samples_grid.png; every sample is in samples.npz
@@ -33,7 +33,7 @@ def parse_args(argv=None):
                              "1 plain conditional (default: the checkpoint's sampling.guidance)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"), help=runs.INTERVAL_HELP)
     parser.add_argument("--guide", help=runs.GUIDE_HELP)
-    parser.add_argument("--sampler", choices=helper.SAMPLERS, help="default: the checkpoint's")
+    parser.add_argument("--sampler", choices=config.SAMPLERS, help="default: the checkpoint's")
     parser.add_argument("--steps", type=runs.positive_int,
                         help="network evaluations; fewer than T respaces the schedule (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, help=runs.ETA_HELP)

@@ -24,17 +24,17 @@ import time
 
 import torch
 
+import config
 import data
-import helper
 from processes import Processes
 import runs
 import training
-from helper import UserError
+from config import UserError
 
 
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", help=f"{', '.join(helper.presets)} (default: paper with CUDA, else cpu)")
+    parser.add_argument("--preset", help=f"{', '.join(config.presets)} (default: paper with CUDA, else cpu)")
     parser.add_argument("--data", help=f"the images: {', '.join(data.DATASETS)} (default: mnist), a folder of "
                                        f"images (class subfolders label them) or an .npz (uint8 arr_0 (N, H, W, C), "
                                        f"optional labels); --set data.image_size=S resizes them")
@@ -75,10 +75,10 @@ def resolve(args):
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
     else:
         preset = args.preset or ("paper" if torch.cuda.is_available() else "cpu")
-        cfg = helper.get_config(preset)
+        cfg = config.get_config(preset)
         settings = [runs.parse_setting(setting) for setting in args.settings]
         for setting in settings:
-            cfg = helper.merge_config(cfg, setting)
+            cfg = config.merge_config(cfg, setting)
         out = args.out or "out"
     overrides = {"data": {}, "training": {}, "model": {}}
     if args.conditional or args.unconditional:
@@ -100,13 +100,13 @@ def resolve(args):
         overrides["training"]["seed"] = args.seed
     if args.device:
         overrides["training"]["device"] = args.device
-    cfg = helper.merge_config(cfg, overrides)
+    cfg = config.merge_config(cfg, overrides)
     if state is None:
         def chosen(section, key):  # set with --set
             return any(key in setting.get(section, {}) for setting in settings)
         cfg = fit_to_data(cfg, resize=chosen("data", "image_size"), conditional=args.conditional,
                           levels=preset == "cpu" and not chosen("model", "ch_mult"))
-    helper.validate_config(cfg)
+    config.validate_config(cfg)
     return cfg, state, out
 
 
@@ -146,7 +146,7 @@ def fit_to_data(cfg, resize, conditional, levels):
     fitted = {"data": {"image_size": size, "channels": train_split.images[0].shape[0]}, "model": {"num_classes": classes}}
     if levels:
         fitted["model"]["ch_mult"] = cpu_levels(size)
-    return helper.merge_config(cfg, fitted)
+    return config.merge_config(cfg, fitted)
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from helper import UserError
+from config import UserError
 
 
 class Processes:

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import guidance
 import helper
 import samplers
-from helper import Schedule, UserError
+from helper import Schedule
+from config import UserError
 from model import Model
 
 PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "mnist-cpu.pt")
@@ -109,7 +111,7 @@ SAMPLING_KEYS = {"ema", "step", "config"}  # all that sampling needs: what a rel
 def load_checkpoint(path, training=False):
     """Read a checkpoint written by main.py, tensors and plain types only (weights_only); for
     sampling, a weights file with just SAMPLING_KEYS will do, for training (resume) the whole state.
-    Its config comes back resolved (helper.checkpoint_config): defaults filled in, validated."""
+    Its config comes back resolved (config.checkpoint_config): defaults filled in, validated."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{path}' does not exist")
     try:
@@ -124,7 +126,7 @@ def load_checkpoint(path, training=False):
         if not isinstance(state[key], CHECKPOINT_KINDS[key]):
             raise UserError(f"'{path}' is damaged: its {key} is a {type(state[key]).__name__}, "
                             f"not a {CHECKPOINT_KINDS[key].__name__}")
-    state["config"] = helper.checkpoint_config(state)
+    state["config"] = config.checkpoint_config(state)
     return state
 
 
@@ -197,7 +199,7 @@ def with_sampling_flags(cfg, guidance=None, guidance_interval=None, guide=None, 
     if (guidance is not None or guidance_interval is not None) and cfg["model"]["num_classes"] == 0 and not guided:
         raise UserError("--guidance needs a conditional checkpoint (python main.py --conditional) or a --guide; "
                         "this one is neither")
-    return helper.with_sampling(cfg, guidance=guidance, guidance_interval=guidance_interval, **chosen)
+    return config.with_sampling(cfg, guidance=guidance, guidance_interval=guidance_interval, **chosen)
 
 
 def load_ema_model(path, device, decay=None):

@@ -13,11 +13,13 @@ import time
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import helper
 import runs
 from processes import Processes
-from helper import Schedule, UserError
+from helper import Schedule
+from config import UserError
 from model import Model
 from runs import RunError
 
@@ -330,7 +332,7 @@ def save_preview(ema, cfg, device, path, num_samples=20):
     to watch a run learn; a conditional model is asked for each digit in turn. Draws no training
     randomness, so resume stays exact."""
     steps = cfg["distill"]["steps"] or min(10, cfg["diffusion"]["T"])  # a few-step student: its own steps
-    cfg = helper.with_sampling(cfg, sampler="ddim", steps=steps, eta=0.0, compile=False)
+    cfg = config.with_sampling(cfg, sampler="ddim", steps=steps, eta=0.0, compile=False)
     num_classes = cfg["model"]["num_classes"]
     labels = torch.arange(num_samples) % num_classes if num_classes else None
     samples = runs.sample(ema, cfg, num_samples, seed=0, device=device, labels=labels, progress=False)
@@ -383,7 +385,7 @@ def same_run(cfg_a, cfg_b):
     """Whether two configs describe one run: equal but for where the data lives and what runs it
     (and, for a time budget, the step count it chose on its machine)."""
     def essence(cfg):
-        cfg = helper.merge_config(helper.config, cfg)
+        cfg = config.merge_config(config.config, cfg)
         cfg["data"].pop("root"), cfg["training"].pop("device")
         if cfg["training"]["minutes"] > 0:
             cfg["training"].pop("steps")
@@ -403,7 +405,7 @@ def guard_run_folder(cfg, state, out, overwrite):
             raise UserError(f"{ckpt_path} holds another run; continue it with --resume {ckpt_path}, "
                             f"pick a new --out DIR, or pass --overwrite to start over")
         state = existing
-        cfg = helper.merge_config(cfg, {"training": {"steps": existing["config"]["training"]["steps"]}})
+        cfg = config.merge_config(cfg, {"training": {"steps": existing["config"]["training"]["steps"]}})
         if state["step"] < total_steps_of(cfg):
             print(f"{ckpt_path} is this run, unfinished at step {state['step']}; resuming it")
     if state is not None and state["step"] >= total_steps_of(cfg):

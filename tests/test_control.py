@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import data
 import distill
 import edit
@@ -21,7 +22,7 @@ from test_scripts import assert_one_line_error, run_in_process, run_script
 
 def conditional_model(seed=0):
     """A smoke-sized conditional U-Net whose label embedding matters (random, not zero)."""
-    cfg = helper.merge_config(helper.get_config("smoke"), {"model": {"num_classes": 10}})
+    cfg = config.merge_config(config.get_config("smoke"), {"model": {"num_classes": 10}})
     torch.manual_seed(seed)
     model = Model.from_config(cfg).eval()
     with torch.no_grad():
@@ -38,7 +39,7 @@ def test_draw_replaces_the_requested_share_of_labels_with_the_null_label():
     _, cfg = conditional_model()
     y = torch.randint(0, 10, (200000,), generator=torch.Generator().manual_seed(0))
     for p in (0.0, 0.1, 0.5, 1.0):
-        cfg = helper.merge_config(cfg, {"training": {"p_uncond": p}})
+        cfg = config.merge_config(cfg, {"training": {"p_uncond": p}})
         dropped = training.draw(cfg, torch.Generator().manual_seed(1), (len(y), 1, 1, 1), slice(None), y).labels
         null = dropped == 10
         assert null.double().mean().item() == pytest.approx(p, abs=0.005)
@@ -46,7 +47,7 @@ def test_draw_replaces_the_requested_share_of_labels_with_the_null_label():
 
 
 def test_an_unconditional_model_has_no_label_embedding_and_refuses_labels():
-    cfg = helper.get_config("smoke")
+    cfg = config.get_config("smoke")
     model = Model.from_config(cfg)
     assert not any("label" in name for name in model.state_dict())
     x, t = inputs(2)
@@ -115,7 +116,7 @@ def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
     y = torch.tensor([3, 7, 1, 9])
     sigma = Schedule.from_config(cfg["diffusion"]).edm_sigmas()
     lo, hi = sigma[4].item(), sigma[12].item()  # (lo, hi] holds t = 5..12
-    network = runs.guided_network(model, helper.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
+    network = runs.guided_network(model, config.with_sampling(cfg, guidance=3.0, guidance_interval=[lo, hi]), y)
     assert network.guided_at.nonzero().flatten().tolist() == list(range(5, 13))
     plain, conditional = guidance.Guided(model, y, 3.0, 10), guidance.Guided(model, y, 1.0, 10)
     with torch.no_grad():
@@ -152,9 +153,9 @@ def test_autoguidance_is_the_network_plus_w_times_its_difference_from_the_guide(
                                        rtol=1e-6, atol=1e-6)
         assert torch.equal(guidance.Guided(counting(model), y, 1.0, 10, guide=counting(guide))(x, t), main_out)
         assert calls == [model]  # w = 1: the guide is not called
-        unconditional = Model.from_config(helper.get_config("smoke")).eval()
-        other = Model.from_config(helper.get_config("smoke")).eval()
-        network = runs.guided_network(unconditional, helper.with_sampling(helper.get_config("smoke"), guidance=2.0), None,
+        unconditional = Model.from_config(config.get_config("smoke")).eval()
+        other = Model.from_config(config.get_config("smoke")).eval()
+        network = runs.guided_network(unconditional, config.with_sampling(config.get_config("smoke"), guidance=2.0), None,
                                       other)
         expected = other(x, t) + 2.0 * (unconditional(x, t) - other(x, t))
         torch.testing.assert_close(network(x, t), expected, rtol=0, atol=0)
@@ -207,7 +208,7 @@ def test_a_run_whose_config_names_a_guide_samples_autoguided_by_default(mnist_ro
 
 
 def test_the_cpu_preset_samples_autoguided_by_a_guide_its_runs_save_and_students_do_not():
-    cfg = helper.get_config("cpu")
+    cfg = config.get_config("cpu")
     assert [f"guide-{fraction:g}.pt" for fraction in cfg["training"]["guides"]] == [cfg["sampling"]["guide"]]
     student = distill.student_config(cfg, "guidance", 0, [], 1.0)
     assert student["sampling"]["guide"] == "" and student["training"]["guides"] == []
@@ -215,7 +216,7 @@ def test_the_cpu_preset_samples_autoguided_by_a_guide_its_runs_save_and_students
 
 def test_a_conditional_model_without_labels_samples_with_the_null_label():
     model, cfg = conditional_model()
-    cfg = helper.with_sampling(cfg, sampler="ddim", steps=4)
+    cfg = config.with_sampling(cfg, sampler="ddim", steps=4)
     free = runs.sample(model, cfg, 3, seed=0, device="cpu", progress=False)
     null = runs.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.full((3,), 10), progress=False)
     asked = runs.sample(model, cfg, 3, seed=0, device="cpu", labels=torch.tensor([1, 2, 3]), progress=False)
@@ -328,7 +329,7 @@ def test_evaluate_warms_the_compiled_network_up_once_per_network_batch(monkeypat
                                            ([None, 0.0, 1.0], {"guidance": 1.5}, 1200, [500, 1000]),
                                            ([None], {"guidance": 2.0, "guidance_interval": [0.5, 20.0]}, 300, [300, 600])]:
         batches.clear()
-        evaluate.warm_up(None, helper.with_sampling(cfg, **chosen), guidances, n, 0, "cpu", labels[:n])
+        evaluate.warm_up(None, config.with_sampling(cfg, **chosen), guidances, n, 0, "cpu", labels[:n])
         assert sorted(batches) == expected, guidances
     batches.clear()
     evaluate.warm_up(None, cfg, [None], 1200, 0, "cpu")  # no labels: an unconditional model
@@ -337,7 +338,7 @@ def test_evaluate_warms_the_compiled_network_up_once_per_network_batch(monkeypat
     for guidances, interval in [([1.0, 2.0, 3.0], []), ([2.0], [0.5, 20.0])]:  # autoguidance: B each, guide called
         batches.clear()
         guides.clear()
-        chosen = helper.with_sampling(cfg, guidance_interval=interval)
+        chosen = config.with_sampling(cfg, guidance_interval=interval)
         evaluate.warm_up(None, chosen, guidances, 1200, 0, "cpu", labels, guide="a guide")
         assert batches == [500] and guides == [True]
 

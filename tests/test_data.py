@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
 import edit
 import evaluate
@@ -133,7 +134,7 @@ def test_colour_slopes_are_zero_for_a_blind_network_and_one_for_an_unbiased_esti
     within the noise of 2,000 images at SNR 0.02 and above)."""
     images, labels, _ = data.load_data(mnist)
     rgb, _ = make_data.make(images[:2000], labels[:2000], size=32, colour=True)
-    cfg = helper.merge_config(helper.get_config("cpu"), {"diffusion": {"prediction": "x0"}})
+    cfg = config.merge_config(config.get_config("cpu"), {"diffusion": {"prediction": "x0"}})
     sched = helper.Schedule.from_config(cfg["diffusion"])
     blind = lambda x_t, t: torch.zeros_like(x_t)
     unbiased = lambda x_t, t: x_t / helper.extract(sched.alpha_bars, t, x_t.shape).sqrt()

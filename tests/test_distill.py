@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import distill
 import guidance
 import helper
@@ -24,7 +25,7 @@ from test_scripts import assert_one_line_error, assert_same_run, run_in_process
 def student_of(teacher, cfg, seed=2):
     """A student with the w input, copied from `teacher` as distill.py copies it; its w embedding
     made non-zero when seed is given, so that w matters."""
-    cfg = helper.merge_config(cfg, {"model": {"guidance_embedding": True}})
+    cfg = config.merge_config(cfg, {"model": {"guidance_embedding": True}})
     student = Model.from_config(cfg).eval()
     runs.load_weights(student, teacher.state_dict(), new_layers_allowed=True)
     if seed is not None:
@@ -73,7 +74,7 @@ def test_a_guidance_distilled_student_samples_in_one_call_of_batch_B_with_w_as_i
 def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
     teacher, cfg = conditional_model()
     student, cfg = student_of(teacher, cfg)
-    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.3}})
+    cfg = config.merge_config(cfg, {"training": {"p_uncond": 0.3}})
     x_0 = torch.rand(16, 1, 28, 28) * 2 - 1
     y = torch.arange(16) % 10
     seen = {}
@@ -87,7 +88,7 @@ def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
         return teacher(x_in, t, labels)
 
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
-    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher)
+    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher)
     with torch.no_grad():
         loss, wrong = loss_of(exact, x_0, draws), loss_of(conditional_only, x_0, draws)
     assert loss.item() < 1e-10 and wrong.item() > 1e-4
@@ -100,7 +101,7 @@ def test_the_autoguided_target_is_guide_plus_w_times_teacher_minus_guide_at_the_
     teacher, cfg = conditional_model()
     guide, _ = conditional_model(seed=5)  # a weaker network, conditioned alike
     _, cfg = student_of(teacher, cfg)
-    cfg = helper.merge_config(cfg, {"training": {"p_uncond": 0.3}})
+    cfg = config.merge_config(cfg, {"training": {"p_uncond": 0.3}})
     x_0 = torch.rand(16, 1, 28, 28) * 2 - 1
     y = torch.arange(16) % 10
 
@@ -112,7 +113,7 @@ def test_the_autoguided_target_is_guide_plus_w_times_teacher_minus_guide_at_the_
                                       w.view(-1, 1, 1, 1))
 
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
-    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher, guide)
+    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher, guide)
     with torch.no_grad():
         loss, wrong = loss_of(exact, x_0, draws), loss_of(classifier_free, x_0, draws)
     assert loss.item() < 1e-10 and wrong.item() > 1e-4
@@ -146,7 +147,7 @@ def test_a_student_that_outputs_its_target_samples_as_its_teacher_at_twice_the_s
     """Salimans & Ho's construction, exactly: if the student outputs progressive_target at every
     x_t it meets, its N DDIM steps reproduce the teacher's 2N (clipped or not)."""
     teacher, cfg = conditional_model()
-    diffusion = helper.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})["diffusion"]
+    diffusion = config.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})["diffusion"]
     student_sched, teacher_sched = distill.student_and_teacher_schedules(tuple(diffusion.items()), steps)
     labels = torch.tensor([3, 7, 1, 9])
 
@@ -308,11 +309,11 @@ def test_the_consistency_target_is_one_exact_ddim_step_and_f_is_x_at_the_clean_l
 
 def test_the_consistency_loss_is_zero_for_a_consistent_student_and_positive_otherwise():
     _, cfg = conditional_model()
-    cfg = helper.merge_config(cfg, {"model": {"guidance_embedding": True},
+    cfg = config.merge_config(cfg, {"model": {"guidance_embedding": True},
                                     "diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
     sched = Schedule.from_config(cfg["diffusion"])
     x_0 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    loss_of = distill.stage_loss(helper.merge_config(cfg, {"distill": {"stage": "consistency", "steps": 2}}),
+    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "consistency", "steps": 2}}),
                                  exact_network(x_0, sched))
     for progress in (0.0, 0.5, 0.99):
         draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(16) % 10,

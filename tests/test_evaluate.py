@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import evaluate
-import helper
 from test_scripts import assert_one_line_error, run_script
 
 
@@ -66,7 +66,7 @@ def test_digit_mix_follows_the_training_shares_and_sums_to_n(n):
 ])
 def test_npz_reader_rejects_wrong_dtype_and_shape(tmp_path, array, fragment, mnist_root):
     np.savez(tmp_path / "bad.npz", arr_0=array)
-    with pytest.raises(helper.UserError, match=fragment):
+    with pytest.raises(config.UserError, match=fragment):
         evaluate.read_npz(str(tmp_path / "bad.npz"), "mnist", mnist_root)
 
 

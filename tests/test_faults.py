@@ -19,7 +19,7 @@ import main
 import runs
 import training
 from conftest import REPO
-from helper import UserError
+from config import UserError
 from test_scripts import assert_one_line_error, assert_same_run, run_in_process, run_script, smoke_config
 
 STEPS = 40  # smoke steps of the interrupted runs; checkpoints every 4

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import config
 import helper
 import runs
 from attnblock import AttnBlock
@@ -14,8 +15,8 @@ from upsample import Upsample
 
 
 def small_config(image_size, channels):
-    cfg = helper.get_config("smoke")
-    return helper.merge_config(cfg, {"data": {"image_size": image_size, "channels": channels},
+    cfg = config.get_config("smoke")
+    return config.merge_config(cfg, {"data": {"image_size": image_size, "channels": channels},
                                      "model": {"ch_mult": [1, 2, 2], "attn_resolutions": [7, 8]}})
 
 
@@ -44,7 +45,7 @@ def test_unet_output_depends_on_timestep():
 
 
 def test_paper_unet_has_the_reports_size():
-    model = Model.from_config(helper.get_config("paper"))
+    model = Model.from_config(config.get_config("paper"))
     megabytes = sum(p.numel() for p in model.parameters()) * 4 / 1e6
     assert 90 < megabytes < 105  # report §6: the checkpoint "weighs in at ~98 MB"
 
@@ -54,7 +55,7 @@ def test_paper_unet_has_the_reports_size():
 def test_groupnorm_groups_hold_norm_group_channels(group_channels, expected):
     """The cpu preset's widths 32 and 64, and the up path's concatenations of 96 and 128 channels:
     at most 32 groups, so 96 channels form 8 or 4 wider groups."""
-    cfg = helper.merge_config(helper.get_config("cpu"), {"model": {"norm_group_channels": group_channels}})
+    cfg = config.merge_config(config.get_config("cpu"), {"model": {"norm_group_channels": group_channels}})
     norms = [m for m in Model.from_config(cfg).modules() if isinstance(m, torch.nn.GroupNorm)]
     assert {m.num_channels: m.num_channels // m.num_groups for m in norms} == expected
 
@@ -86,7 +87,7 @@ def relative_error(a, b):
 @pytest.fixture(scope="module")
 def cpu_preset_model():
     torch.manual_seed(0)
-    cfg = helper.get_config("cpu")
+    cfg = config.get_config("cpu")
     x = torch.randn(8, 1, 28, 28)
     t = torch.linspace(0, cfg["diffusion"]["T"] - 1, 8).long()
     y = torch.arange(8) % (cfg["model"]["num_classes"] + 1)  # the digits and the null label
@@ -113,7 +114,7 @@ def test_compiled_model_matches_eager(frozen):
     compile fastest; the tests that compile share its batch shape, so most of their kernels are
     compiled once. Each precision is a graph of its own, compiled in about half a minute."""
     torch.manual_seed(0)
-    model = Model.from_config(helper.get_config("smoke")).eval()
+    model = Model.from_config(config.get_config("smoke")).eval()
     x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 5, 10, 19])
     compiled = runs.compile_network(model, frozen=frozen, layouts=frozen)
     reference = model(x, t)
@@ -132,7 +133,7 @@ def test_frozen_compiled_networks_keep_their_own_weights():
     x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 5, 10, 19])
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = Model.from_config(helper.get_config("smoke")).eval()
+        model = Model.from_config(config.get_config("smoke")).eval()
         compiled = runs.compile_network(model, frozen=True, layouts=True)
         with no_eager_fallback():
             assert relative_error(compiled(x, t), model(x, t)) < 1e-4

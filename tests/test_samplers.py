@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import config
 import helper
 import runs
 import samplers
@@ -104,8 +105,8 @@ def test_heun_spends_two_evaluations_per_stop_and_churns_between_levels(eta):
     each of the next nine (the second, Heun's correction, at the next stop down), one at the last.
     With churn the first evaluation at a stop sits at a noisier level sigma_hat ~ sqrt(2) sigma,
     without it at the stop itself."""
-    cfg = helper.get_config("smoke")
-    cfg = helper.merge_config(cfg, {"diffusion": {"T": 1000, "schedule": "cosine"},
+    cfg = config.get_config("smoke")
+    cfg = config.merge_config(cfg, {"diffusion": {"T": 1000, "schedule": "cosine"},
                                     "sampling": {"sampler": "heun", "steps": 20, "eta": eta}})
     sched = runs.sampling_schedule(cfg)
     stops = helper.spaced_timesteps(1000, 11, "trailing")
@@ -208,13 +209,13 @@ def test_karras_spacing_follows_edm_eq5_on_the_levels():
     targets = [(hi + i / 9 * (lo - hi)) ** rho for i in range(10)]
     for level, target in zip(keep[-2::-1], targets):
         assert sigmas[level].item() == pytest.approx(target, rel=0.04)
-    cfg = helper.merge_config(helper.get_config("cpu"), {"sampling": {"spacing": "karras"}})
+    cfg = config.merge_config(config.get_config("cpu"), {"sampling": {"spacing": "karras"}})
     assert runs.sampling_schedule(cfg).timesteps.tolist() == keep  # heun's 20 evaluations: 11 stops
-    with pytest.raises(helper.UserError, match="karras spacing cannot place 30 distinct steps in T=20"):
+    with pytest.raises(config.UserError, match="karras spacing cannot place 30 distinct steps in T=20"):
         helper.spaced_timesteps(20, 30, "karras", Schedule(helper.cosine_betas(20)).snr().rsqrt())
 
 
 def test_heun_is_refused_where_sampling_starts_at_infinite_sigma():
-    with pytest.raises(helper.UserError, match="sigma = infinity"):
-        helper.with_sampling(helper.get_config("paper-zero-snr"), sampler="heun")
-    helper.with_sampling(helper.get_config("paper"), sampler="heun")  # alpha_bar_T > 0: fine
+    with pytest.raises(config.UserError, match="sigma = infinity"):
+        config.with_sampling(config.get_config("paper-zero-snr"), sampler="heun")
+    config.with_sampling(config.get_config("paper"), sampler="heun")  # alpha_bar_T > 0: fine

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import config
 import helper
 from forwardprocess import markov_chain
 from helper import Schedule
@@ -54,12 +55,12 @@ def test_zero_terminal_snr_reaches_zero_and_keeps_first_step():
 
 
 def test_the_zero_snr_preset_is_the_paper_preset_ending_in_pure_noise():
-    paper, zero = helper.get_config("paper"), helper.get_config("paper-zero-snr")
+    paper, zero = config.get_config("paper"), config.get_config("paper-zero-snr")
     assert zero["diffusion"]["prediction"] == "v" and paper["diffusion"]["prediction"] == "eps"
     zero["diffusion"]["prediction"] = "eps"
     zero["diffusion"]["zero_terminal_snr"] = False
     assert zero == paper  # nothing else differs: same network, budget and sampler
-    assert Schedule.from_config(helper.get_config("paper-zero-snr")["diffusion"]).alpha_bars[-1].item() == 0.0
+    assert Schedule.from_config(config.get_config("paper-zero-snr")["diffusion"]).alpha_bars[-1].item() == 0.0
     assert Schedule.from_config(paper["diffusion"]).alpha_bars[-1].item() == pytest.approx(0.0749, abs=1e-4)
 
 
@@ -133,7 +134,7 @@ def test_v_is_the_rotation_of_eps_and_x0():
 def test_at_t_1_the_posterior_mean_is_x_0_to_float32_precision(preset):
     """DDPM eq. 7 at the paper's t = 1 (code index 0): alpha_bar_0 = 1, so mu_tilde = x_0 exactly,
     whatever x_t is; its factors are formed in float64 before the cast."""
-    sched = Schedule.from_config(helper.get_config(preset)["diffusion"])
+    sched = Schedule.from_config(config.get_config(preset)["diffusion"])
     assert sched.posterior_mean_x0[0].float().item() == 1.0 and sched.posterior_mean_xt[0].item() == 0.0
     generator = torch.Generator().manual_seed(0)
     x_0, x_t = torch.rand(8, 1, 4, 4, generator=generator) * 2 - 1, 10 * torch.randn(8, 1, 4, 4, generator=generator)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import benchmark
+import config
 import data
 import helper
 import loadmodel
@@ -28,8 +29,8 @@ from model import Model
 
 
 def smoke_config(mnist_root, **training):
-    cfg = helper.get_config("smoke")
-    return helper.merge_config(cfg, {"data": {"root": mnist_root}, "training": training})
+    cfg = config.get_config("smoke")
+    return config.merge_config(cfg, {"data": {"root": mnist_root}, "training": training})
 
 
 def run_script(*args, timeout=120, cwd=REPO):
@@ -75,13 +76,13 @@ def test_a_weights_file_samples_but_cannot_be_resumed(trained, tmp_path):
 def test_shipped_weights_load_weights_only_and_sample_when_there_is_no_run(tmp_path, monkeypatch):
     state = torch.load(runs.PRETRAINED, map_location="cpu", weights_only=True)
     assert state.keys() == runs.SAMPLING_KEYS
-    shipped, default = helper.checkpoint_config(state), helper.get_config("cpu")
+    shipped, default = config.checkpoint_config(state), config.get_config("cpu")
     assert all(shipped[section] == default[section] for section in ("model", "diffusion"))
     # autoguided by the run's own early snapshot, shipped beside them; both bf16 on disk, fp32 loaded
     assert shipped["sampling"] == {**default["sampling"], "guide": "mnist-cpu-guide.pt"}
     guide_file = runs.guide_path(None, shipped, runs.PRETRAINED)
     guide = torch.load(guide_file, map_location="cpu", weights_only=True)
-    assert guide["step"] < state["step"] and helper.checkpoint_config(guide)["model"] == shipped["model"]
+    assert guide["step"] < state["step"] and config.checkpoint_config(guide)["model"] == shipped["model"]
     for weights in (state["ema"], guide["ema"]):
         assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert all(w.dtype == torch.float32 for w in runs.load_guide(guide_file, shipped, "cpu").state_dict().values())
@@ -152,7 +153,7 @@ def previous_algorithm_1(network, x_0, y, sched, cfg, generator, part):
 def test_a_training_step_draws_and_computes_what_the_previous_commit_did(digits, part):
     """A fixed seed trains as before the loss was separated from the draws (the cpu preset's
     v-prediction, min-SNR and label dropout), alone and as either of two processes."""
-    cfg = helper.merge_config(helper.get_config("cpu"), {"diffusion": {"T": 50}})
+    cfg = config.merge_config(config.get_config("cpu"), {"diffusion": {"T": 50}})
     sched = Schedule.from_config(cfg["diffusion"])
     torch.manual_seed(0)
     network = Model.from_config(cfg).eval()
@@ -168,7 +169,7 @@ def test_a_training_step_draws_and_computes_what_the_previous_commit_did(digits,
 
 
 def test_two_processes_draw_the_rows_of_what_one_process_draws():
-    cfg = helper.merge_config(helper.get_config("smoke"), {"model": {"num_classes": 10},
+    cfg = config.merge_config(config.get_config("smoke"), {"model": {"num_classes": 10},
                                                            "training": {"p_uncond": 0.5}})
     labels = torch.arange(16) % 10
     one = training.draw(cfg, torch.Generator().manual_seed(3), (16, 1, 28, 28), slice(None), labels)
@@ -188,14 +189,14 @@ def assert_same_run(a_path, b_path):
 
 
 def test_resume_continues_the_same_run_exactly(mnist_root, tmp_path):
-    def config(steps):  # conditional (null-label draws) with an extra EMA: every part of the state
-        return helper.merge_config(smoke_config(mnist_root, steps=steps, extra_ema_decays=[0.5]),
+    def run_config(steps):  # conditional (null-label draws) with an extra EMA: every part of the state
+        return config.merge_config(smoke_config(mnist_root, steps=steps, extra_ema_decays=[0.5]),
                                    {"model": {"num_classes": 10}})
 
-    training.train(config(8), str(tmp_path / "straight"), progress=False)
-    training.train(config(4), str(tmp_path / "halves"), progress=False)
+    training.train(run_config(8), str(tmp_path / "straight"), progress=False)
+    training.train(run_config(4), str(tmp_path / "halves"), progress=False)
     state = runs.load_checkpoint(str(tmp_path / "halves" / "ckpt.pt"), training=True)
-    training.train(config(8), str(tmp_path / "halves"), state=state, progress=False)
+    training.train(run_config(8), str(tmp_path / "halves"), state=state, progress=False)
     assert_same_run(tmp_path / "straight" / "ckpt.pt", tmp_path / "halves" / "ckpt.pt")
 
 
@@ -203,10 +204,10 @@ def test_set_changes_preset_values_and_is_refused_on_resume(tmp_path, mnist_root
     cfg, _, _ = main.resolve(main.parse_args(["--preset", "smoke", "--set", "training.lr=0.003", "--data-root", mnist_root,
                                               "--set", "model.ch_mult=[1,2]", "--set", "diffusion.prediction=x0"]))
     assert cfg["training"]["lr"] == 0.003 and cfg["model"]["ch_mult"] == [1, 2]
-    assert cfg["diffusion"]["prediction"] == "x0" and cfg == helper.merge_config(helper.get_config("smoke"), {
+    assert cfg["diffusion"]["prediction"] == "x0" and cfg == config.merge_config(config.get_config("smoke"), {
         "training": {"lr": 0.003}, "model": {"ch_mult": [1, 2]}, "diffusion": {"prediction": "x0"},
         "data": {"root": mnist_root}})
-    with pytest.raises(helper.UserError, match="--resume takes its preset, settings"):
+    with pytest.raises(config.UserError, match="--resume takes its preset, settings"):
         main.resolve(main.parse_args(["--resume", str(tmp_path / "ckpt.pt"), "--set", "training.lr=0.1"]))
 
 
@@ -222,7 +223,7 @@ def test_extra_emas_are_kept_and_evaluate_can_pick_one(mnist_root, tmp_path):
         for name, value in model.state_dict().items():
             assert torch.equal(value, expected[name]), (decay, name)
     assert any(not torch.equal(state["ema"][name], state["model"][name]) for name in state["ema"])
-    with pytest.raises(helper.UserError, match="keeps the EMA of decay 0.9, 0.9, 0, not 0.5"):
+    with pytest.raises(config.UserError, match="keeps the EMA of decay 0.9, 0.9, 0, not 0.5"):
         runs.load_ema_model(str(tmp_path / "ckpt.pt"), "cpu", 0.5)
 
 
@@ -489,8 +490,8 @@ def test_every_name_in_readmes_report_table_exists_in_the_code():
     table = open(os.path.join(REPO, "README.md")).read().split("## Reading the code beside the report")[1]
     names = re.findall(r"`(\w+)\.(\w+)`", table.split("\n## ")[0])
     assert len(names) > 30
-    instances = {"Schedule": Schedule.from_config(helper.get_config("smoke")["diffusion"]),
-                 "Model": Model.from_config(helper.get_config("smoke"))}
+    instances = {"Schedule": Schedule.from_config(config.get_config("smoke")["diffusion"]),
+                 "Model": Model.from_config(config.get_config("smoke"))}
     for module, name in names:
         if name != "py":  # a file, `resnetblock.py`
             owner = instances.get(module) or importlib.import_module(module)

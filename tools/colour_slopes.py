@@ -16,6 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import helper  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     model, cfg = runs.load_ema_model(args.checkpoint, "cpu")
     if cfg["data"]["channels"] != 3:
-        raise helper.UserError(f"'{args.checkpoint}' was trained on greyscale images: it has no colours to recover")
+        raise config.UserError(f"'{args.checkpoint}' was trained on greyscale images: it has no colours to recover")
     images, labels, _ = data.load_data(cfg["data"], train=False)
     labels = labels[:args.num_images] if labels is not None and cfg["model"]["num_classes"] else None
     print("| t | SNR | network's slope | the border's best |\n|---:|---:|---:|---:|")

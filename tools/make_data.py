@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import data  # noqa: E402
-import helper  # noqa: E402
 import runs  # noqa: E402
 
 
@@ -69,11 +69,11 @@ def main(argv=None):
     parser.add_argument("--size", type=runs.positive_int, default=28, help="pad the 28 x 28 digits to S x S")
     parser.add_argument("--count", type=runs.positive_int, default=60000, help="the first N training digits")
     parser.add_argument("--unlabelled", action="store_true", help="no labels (a folder: no class subfolders)")
-    parser.add_argument("--data-root", default=helper.config["data"]["root"], help="where MNIST is")
+    parser.add_argument("--data-root", default=config.config["data"]["root"], help="where MNIST is")
     parser.add_argument("--seed", type=int, default=0, help="seeds the colours")
     args = parser.parse_args(argv)
     if args.size < 28:
-        raise helper.UserError(f"--size must be at least 28, got {args.size}")
+        raise config.UserError(f"--size must be at least 28, got {args.size}")
     images, labels, _ = data.load_data({"name": "mnist", "root": args.data_root, "image_size": 28})
     images, labels = make(images[:args.count], labels[:args.count], args.size, args.colour, args.seed)
     write(images, None if args.unlabelled else labels, args.out)
