@@ -74,8 +74,9 @@ config = {
     "distill": {                   # what distill.py made of a teacher (docs/distill.md)
         "stage": "",               # "": trained by main.py; guidance: w is an input (Meng et al. 2023);
                                    # progressive: a few-step student (Salimans & Ho 2022);
-                                   # consistency: a one- or two-step student (Song et al. 2023)
-        "steps": 0,                # progressive, consistency: the DDIM steps the student samples with
+                                   # consistency: a one- or two-step student (Song et al. 2023);
+                                   # adversarial: a one-step student finished against a discriminator
+        "steps": 0,                # progressive, consistency, adversarial: the DDIM steps the student samples with
         "guidance_range": [0.0, 2.0],  # guidance stage: w drawn uniformly from this range
         "guide": "",               # guidance stage: the teacher's guide it learnt autoguidance from; "": CFG
         "lr": 3e-4,                # students' peak learning rate (AdamW as training, cosine decay per stage)
@@ -121,7 +122,7 @@ CHOICES = {("diffusion", "schedule"): ("linear", "cosine"), ("diffusion", "predi
            ("training", "optimizer"): ("adam", "adamw"), ("training", "lr_decay"): ("constant", "cosine"),
            ("training", "bf16"): ("auto", "on", "off"), ("sampling", "sampler"): SAMPLERS,
            ("sampling", "spacing"): SPACINGS, ("sampling", "variance"): ("beta", "beta_tilde"),
-           ("distill", "stage"): ("", "guidance", "progressive", "consistency")}
+           ("distill", "stage"): ("", "guidance", "progressive", "consistency", "adversarial")}
 
 
 class UserError(Exception):

@@ -1,6 +1,6 @@
 """Distil a trained model into one that samples in a few network calls (docs/distill.md).
 
-    python distill.py [TEACHER] [--out DIR] [--minutes M] [--start N] [--to N] [--consistency]
+    python distill.py [TEACHER] [--out DIR] [--minutes M] [--start N] [--to N] [--consistency] [--adversarial]
                       [--set SECTION.KEY=VALUE ...] [--overwrite] [--data-root DIR] [--device D]
 
 1. Guidance distillation (Meng et al. 2023, stage 1), for a conditional teacher: a student
@@ -14,10 +14,14 @@
    Or, with --consistency, consistency distillation (Song et al. 2023) with ECT's gap and
    distance (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's
    ODE to its end, x_0, and samples in --to (1 or 2) steps.
+3. With --adversarial, an adversarial finish (as DMD2, Yin et al. 2024): a one-step student,
+   copied from the last few-step student (or from the teacher, when it is one), trained against
+   a small class-conditional discriminator learnt beside it from the training digits, anchored
+   to its teacher's few-step digits by a regression that fades out over the stage.
 
 Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
-steps-16/, steps-8/, ...), and ends with an ordinary weights file, its ema.pt, whose config
+steps-16/, steps-8/, ..., adversarial/), and ends with an ordinary weights file, its ema.pt, whose config
 says what it is and how many steps it samples with; loadmodel.py, evaluate.py and edit.py load
 it like any other. The same command again resumes an interrupted stage and skips finished
 ones. --minutes is the whole budget: the last round, whose student is kept, gets two shares, every
@@ -59,6 +63,12 @@ consistency models' multistep sampler (Song et al. 2023 Alg. 1): x_0 = f(x_T, T)
 best of 1.2, 1.6, 2 and 2.5 (docs/distill.md)."""
 
 
+ADVERSARIAL_SAMPLING = {"sampler": "ddim", "eta": 0.0, "spacing": "trailing", "clip_x0": False, "guidance": 1.2,
+                        "guidance_interval": []}
+"""How an adversarial student samples: one network call from x_T, x_0 = f(x_T, T); w = 1.2 scored
+best of 1, 1.1, 1.2, 1.5 and 2 (docs/distill.md)."""
+
+
 def parse_args(argv=None):
     parser = runs.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("teacher", nargs="?",
@@ -70,9 +80,13 @@ def parse_args(argv=None):
     parser.add_argument("--start", type=runs.positive_int, default=32,
                         help="DDIM steps of the first progressive teacher (a power of two; default: 32)")
     parser.add_argument("--to", type=runs.positive_int,
-                        help="steps of the last student (a power of two; default: 4, with --consistency 2)")
+                        help="steps of the last few-step student (a power of two; default: 4, with --consistency "
+                             "2, with --adversarial 1)")
     parser.add_argument("--consistency", action="store_true",
                         help="after the guidance stage, one consistency stage instead of progressive rounds")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="finish with a one-step student trained against a discriminator (from a few-step "
+                             "student: that stage alone)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
     parser.add_argument("--guide", help="the guidance stage's guide: " + runs.GUIDE_HELP.split(": ", 1)[1])
@@ -86,14 +100,21 @@ def power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
 
-def plan(teacher_cfg, start, to, consistency=False):
+def plan(teacher_cfg, start, to, consistency=False, adversarial=False):
     """The stages from this teacher: ("guidance", 0) for a conditional teacher trained by main.py,
     then ("progressive", N) for N = start/2, start/4, ..., to (a progressive teacher of S steps:
-    from S/2), or ("consistency", to). A UserError for a teacher or step counts that cannot be
+    from S/2), or ("consistency", to); and, if adversarial, ("adversarial", 1) (from a few-step
+    student, that stage alone). A UserError for a teacher or step counts that cannot be
     distilled so."""
     if not (power_of_two(start) and power_of_two(to)):
         raise UserError(f"--start {start} and --to {to} must be powers of two (each round halves the steps)")
     stage, steps = teacher_cfg["distill"]["stage"], teacher_cfg["distill"]["steps"]
+    if stage == "adversarial":
+        raise UserError("this teacher is an adversarial student already: nothing is left to distil")
+    if adversarial and stage in ("progressive", "consistency"):
+        return [("adversarial", 1)]
+    if stage == "consistency":
+        raise UserError("a consistency student is distilled further by --adversarial alone")
     if consistency and stage not in ("", "guidance"):
         raise UserError(f"consistency distillation starts from main.py's weights or a guidance-distilled student; "
                         f"this teacher is a {stage} student")
@@ -108,11 +129,11 @@ def plan(teacher_cfg, start, to, consistency=False):
                             "unconditional")
         stages.append(("guidance", 0))
     if consistency:
-        return stages + [("consistency", to)]
-    while start > to:
+        stages.append(("consistency", to))
+    while start > to and not consistency:
         start //= 2
         stages.append(("progressive", start))
-    return stages
+    return stages + [("adversarial", 1)] * adversarial
 
 
 def student_config(cfg, stage, steps, settings, minutes, guide=""):
@@ -133,13 +154,15 @@ def student_config(cfg, stage, steps, settings, minutes, guide=""):
             "sampler": "ddim", "steps": steps, "clip_x0": False, "spacing": "trailing", **student_sampling(steps)}})
     if stage == "consistency":
         cfg = config.merge_config(cfg, {"sampling": {"steps": steps, **CONSISTENCY_SAMPLING}})
+    if stage == "adversarial":
+        cfg = config.merge_config(cfg, {"sampling": {"steps": steps, **ADVERSARIAL_SAMPLING}})
     cfg = functools.reduce(config.merge_config, settings, cfg)
     config.validate_config(cfg)
     return cfg
 
 
 # ----------------------------------------------------------------------------------------
-# The three losses, each of (network, x_0, draws) as training.train_step calls them (draws:
+# The four losses, each of (network, x_0, draws) as training.train_step calls them (draws:
 # training.draw's t, eps, labels dropped to null as in training, and w ~ U(distill.guidance_range)).
 
 def guidance_loss(teacher, guide, sched, null, network, x_0, draws):
@@ -174,11 +197,17 @@ def two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next):
 
 
 @functools.cache
-def student_and_teacher_schedules(diffusion, steps):
-    """The trailing-spaced schedules of a student of `steps` DDIM steps and of its teacher at 2 steps
-    per student step (the student's levels are every other level of the teacher's)."""
+def trailing_schedule(diffusion, steps):
+    """The schedule of `steps` DDIM steps, trailing-spaced, that the students sample with
+    (diffusion: the config's section as a tuple of items)."""
     sched = Schedule.from_config(dict(diffusion))
-    return tuple(sched.respace(helper.spaced_timesteps(sched.T, n, "trailing")) for n in (steps, 2 * steps))
+    return sched.respace(helper.spaced_timesteps(sched.T, steps, "trailing"))
+
+
+def student_and_teacher_schedules(diffusion, steps):
+    """The schedules of a student of `steps` DDIM steps and of its teacher at 2 steps per student
+    step (the student's levels are every other level of the teacher's)."""
+    return trailing_schedule(diffusion, steps), trailing_schedule(diffusion, 2 * steps)
 
 
 def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
@@ -277,15 +306,107 @@ def consistency_loss(teacher, sched, prediction, network, x_0, draws):
     return (((squared + c ** 2).sqrt() - c) / gap).mean()
 
 
-def stage_loss(cfg, teacher, guide=None):
-    """The loss of the stage cfg describes, as training.train calls it."""
+# The adversarial finish (as DMD2, Yin et al. 2024, without its distribution matching): the
+# student's one-step digits against a discriminator trained beside it from scratch, both with
+# the non-saturating loss (Goodfellow et al. 2014); the discriminator regularised by R1
+# (Mescheder et al. 2018); the student anchored to its teacher's few-step digits from the same
+# x_T by a squared error whose weight falls to 0 over the stage.
+
+ADVERSARIAL = {"width": 32,                     # the discriminator's channels at full resolution
+               "lr": 2e-4, "betas": (0.0, 0.99),  # its Adam
+               "r1_gamma": 0.1,                 # R1's weight: gamma / 2 E |grad_x D(x, y)|^2 at the real digits
+               "anchor": 0.1}                   # the anchor's weight at the start of the stage
+"""Measured against width 16, gamma 1 and anchor 0.3 and 1 (docs/distill.md)."""
+
+
+class Discriminator(torch.nn.Module):
+    """A class-conditional projection discriminator (Miyato & Koyama 2018): strided convolutions
+    with leaky ReLUs to features h(x) summed over space, D(x, y) = psi(h) + <embed(y), h>; y may
+    be the null label, as the student's."""
+
+    def __init__(self, channels, num_classes, width):
+        super().__init__()
+        layers = []
+        for c_in, c_out, stride in ((channels, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2),
+                                    (4 * width, 4 * width, 2)):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, 1), torch.nn.LeakyReLU(0.2)]
+        self.features = torch.nn.Sequential(*layers)
+        self.psi = torch.nn.Linear(4 * width, 1)
+        self.embed = torch.nn.Embedding(num_classes + 1, 4 * width)
+
+    def forward(self, x, y):
+        h = self.features(x).sum((2, 3))
+        return self.psi(h).squeeze(1) + (self.embed(y) * h).sum(1)
+
+
+def r1_penalty(discriminator, real, labels):
+    """R1 (Mescheder et al. 2018): E |grad_x D(x, y)|^2 at the real digits, differentiable again."""
+    real = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(real, labels).sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def discriminator_loss(discriminator, real, fake, labels):
+    """The discriminator's non-saturating loss, softplus(-D(real)) + softplus(D(fake)), and R1."""
+    logits_real, logits_fake = discriminator(real, labels), discriminator(fake, labels)
+    return (torch.nn.functional.softplus(-logits_real).mean() + torch.nn.functional.softplus(logits_fake).mean()
+            + ADVERSARIAL["r1_gamma"] / 2 * r1_penalty(discriminator, real, labels))
+
+
+class AdversarialLoss:
+    """The adversarial finish's loss of (network, x_0, draws), with the discriminator and its
+    optimiser as a state of its own (state_dict: the run's checkpoint keeps it). A call first
+    steps the discriminator (discriminator_loss, in float32) on the training digits x_0 against
+    the student's digits G(z) = f(z, T), z = draws.eps as sampling's x_T, then returns the
+    student's loss softplus(-D(G(z), y)) + anchor (1 - progress) |G(z) - teacher's digits from z|^2,
+    the teacher sampling deterministically (DDIM eta 0) in its own steps."""
+
+    def __init__(self, teacher, teacher_sched, sched, prediction, discriminator):
+        self.teacher, self.teacher_sched, self.sched, self.prediction = teacher, teacher_sched, sched, prediction
+        self.discriminator = discriminator
+        self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=ADVERSARIAL["lr"], betas=ADVERSARIAL["betas"])
+
+    def __call__(self, network, x_0, draws):
+        inputs = tuple(x for x in (draws.labels, draws.w) if x is not None)
+        with torch.no_grad():
+            anchor = samplers.ddim_sample(lambda x, t: self.teacher(x, t, *inputs), draws.eps, self.teacher_sched,
+                                          self.prediction, progress=False)
+        fake, _, _ = samplers.denoise(lambda x, t: network(x, t, *inputs), draws.eps, 0, self.sched, self.prediction,
+                                      False)
+        with torch.autocast(x_0.device.type, enabled=False):
+            loss = discriminator_loss(self.discriminator, x_0.float(), fake.detach(), draws.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            adversarial = torch.nn.functional.softplus(-self.discriminator(fake, draws.labels)).mean()
+        anchor_weight = ADVERSARIAL["anchor"] * (1 - draws.progress)
+        return adversarial + anchor_weight * (fake - anchor).pow(2).flatten(1).sum(1).mean()
+
+    def state_dict(self):
+        return {"discriminator": self.discriminator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state):
+        runs.load_weights(self.discriminator, state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def stage_loss(cfg, teacher, guide=None, teacher_steps=0):
+    """The loss of the stage cfg describes, as training.train calls it (teacher_steps: the DDIM
+    steps a few-step teacher samples with, for the adversarial stage's anchor)."""
     if cfg["distill"]["stage"] == "guidance":
         return functools.partial(guidance_loss, teacher, guide, Schedule.from_config(cfg["diffusion"]),
                                  cfg["model"]["num_classes"])
     if cfg["distill"]["stage"] == "consistency":
         return functools.partial(consistency_loss, teacher, Schedule.from_config(cfg["diffusion"]),
                                  cfg["diffusion"]["prediction"])
-    schedules = student_and_teacher_schedules(tuple(cfg["diffusion"].items()), cfg["distill"]["steps"])
+    diffusion = tuple(cfg["diffusion"].items())
+    if cfg["distill"]["stage"] == "adversarial":
+        torch.manual_seed(cfg["training"]["seed"])  # the discriminator's initialisation
+        discriminator = Discriminator(cfg["data"]["channels"], cfg["model"]["num_classes"], ADVERSARIAL["width"])
+        return AdversarialLoss(teacher, trailing_schedule(diffusion, teacher_steps), trailing_schedule(diffusion, 1),
+                               cfg["diffusion"]["prediction"],
+                               discriminator.to(runs.resolve_device(cfg["training"]["device"])))
+    schedules = student_and_teacher_schedules(diffusion, cfg["distill"]["steps"])
     return functools.partial(progressive_loss, teacher, *schedules, cfg["diffusion"]["prediction"],
                              cfg["sampling"]["clip_x0"])
 
@@ -325,7 +446,7 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
             print(f"{out} is finished; skipping it")
             return weights
         name = {"guidance": "guidance distillation", "progressive": "progressive distillation",
-                "consistency": "consistency distillation"}[stage]
+                "consistency": "consistency distillation", "adversarial": "adversarial finish"}[stage]
         if stage != "guidance":
             name += f" to {steps} step" + "s" * (steps > 1)
         if guide_file:
@@ -337,7 +458,7 @@ def distill_stage(teacher_path, stage, steps, args, minutes, out):
         guide = runs.load_guide(guide_file, teacher_cfg, device)
         if guide is not None:
             guide = frozen(guide, teacher_cfg)
-        loss_of = stage_loss(cfg, frozen(teacher.to(device), teacher_cfg), guide)
+        loss_of = stage_loss(cfg, frozen(teacher.to(device), teacher_cfg), guide, teacher_cfg["distill"]["steps"])
         ema, losses, lrs = training.train(cfg, out, state, loss_of=loss_of, start_from=teacher_state["ema"])
         training.finish(ema, losses, lrs, cfg, out, started)
     return weights
@@ -347,8 +468,8 @@ def main(argv=None):
     args = parse_args(argv)
     teacher = args.teacher or default_teacher()
     teacher_cfg = runs.load_checkpoint(teacher)["config"]
-    to = args.to or (2 if args.consistency else 4)
-    stages = plan(teacher_cfg, args.start, to, args.consistency)
+    to = args.to or (1 if args.adversarial else 2 if args.consistency else 4)
+    stages = plan(teacher_cfg, args.start, to, args.consistency, args.adversarial)
     if args.guide not in (None, "none") and stages[0][0] != "guidance":
         raise UserError(f"--guide is for the guidance stage; '{teacher}' is a guidance-distilled student already")
     for (stage, steps), minutes in zip(stages, stage_minutes(args.minutes, len(stages))):
@@ -368,7 +489,7 @@ def stage_minutes(minutes, count):
 def stage_folder(stage, steps):
     if stage == "consistency":
         return f"consistency-{steps}"
-    return "guidance" if stage == "guidance" else f"steps-{steps}"
+    return stage if stage in ("guidance", "adversarial") else f"steps-{steps}"
 
 
 if __name__ == "__main__":

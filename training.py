@@ -61,7 +61,9 @@ def algorithm_1(cfg):
 class Training:
     """A run in memory: what a step needs and changes, and (state_dict) what a checkpoint keeps.
     `network` is `model` or its DistributedDataParallel or compiled wrapper (DDP averages the
-    gradients in backward, so every process steps alike); loss_of(network, x_0, draws) -> loss."""
+    gradients in backward, so every process steps alike); loss_of(network, x_0, draws) -> loss,
+    and a loss with a state of its own (distill.AdversarialLoss's discriminator) gives it to the
+    checkpoint through its state_dict and load_state_dict."""
     cfg: dict
     model: torch.nn.Module
     ema: torch.nn.Module  # the exponential moving average of model's weights: what sampling uses
@@ -83,7 +85,8 @@ class Training:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "extra_emas": self.extra_emas.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "config": self.cfg, "rng": rng, "losses": list(self.losses),
-                "lrs": list(self.lrs), "processes": self.processes.count}
+                "lrs": list(self.lrs), "processes": self.processes.count,
+                **({"loss": self.loss_of.state_dict()} if hasattr(self.loss_of, "state_dict") else {})}
 
     def load_state_dict(self, state):
         """Continue from a checkpoint's state, exactly: weights, optimiser, step, curves, generators."""
@@ -92,6 +95,8 @@ class Training:
         if len(self.extra_emas):
             runs.load_weights(self.extra_emas, state["extra_emas"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.loss_of, "load_state_dict"):
+            self.loss_of.load_state_dict(state["loss"])
         self.step, self.losses, self.lrs = state["step"], list(state["losses"]), list(state["lrs"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["noise"])

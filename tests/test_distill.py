@@ -1,6 +1,7 @@
 """distill.py: the guided target, the two-step DDIM target against its closed form, the w
 embedding, a smoke chain of stages loading in the other scripts, exact resume, bad input; the
-consistency stage's target and gap schedule, its smoke stage and resume."""
+consistency stage's target and gap schedule, its smoke stage and resume; the adversarial stage's
+R1 penalty and losses, its smoke stage and resume."""
 import math
 import os
 import signal
@@ -196,12 +197,12 @@ def test_a_smoke_chain_halves_the_steps_and_its_students_load_everywhere(chain, 
     assert "ddim, 2 steps" in samples_everywhere(chain / "steps-2" / "ema.pt", classifier_file, mnist_root, tmp_path)
 
 
-def samples_everywhere(weights, classifier_file, mnist_root, out, *evaluate_args):
-    """A 2-step student draws in loadmodel.py (its own two steps), edit.py and evaluate.py; returns
-    evaluate.py's table."""
+def samples_everywhere(weights, classifier_file, mnist_root, out, *evaluate_args, steps=2):
+    """A student of `steps` steps draws in loadmodel.py (in its own steps), edit.py and evaluate.py;
+    returns evaluate.py's table."""
     code, _, stderr = run_in_process("loadmodel.py", str(weights), "--out", str(out))
     assert code == 0, stderr
-    assert "ddim" in stderr and "| 0/2 [" in stderr  # its own two steps (the bar opens at 0/2; a fast last step may not redraw)
+    assert "ddim" in stderr and f"| 0/{steps} [" in stderr  # its own steps (the bar opens at 0; a fast last step may not redraw)
     assert np.load(out / "samples.npz")["arr_0"].shape[1:] == (28, 28, 1)
     code, _, stderr = run_in_process("edit.py", "interpolate", str(weights), "--out", str(out))
     assert code == 0, stderr
@@ -341,18 +342,24 @@ def test_the_gap_starts_at_the_clean_image_halves_with_each_stage_and_stays_belo
     assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])) and gaps[-1] < gaps[0] / 4, gaps
 
 
-def consistency_stage(teacher, out, mnist_root):
-    return ["distill.py", str(teacher), "--consistency", "--out", str(out), "--data-root", mnist_root,
+def one_stage(flag, teacher, out, mnist_root):
+    """distill.py's stage `flag` (--consistency, --adversarial) from `teacher`, 6 optimiser steps."""
+    return ["distill.py", str(teacher), flag, "--out", str(out), "--data-root", mnist_root,
             "--set", "training.minutes=0", "--set", "training.steps=6"]
+
+
+def one_stage_run(flag, teacher, mnist_root, tmp_path_factory, says):
+    out = tmp_path_factory.mktemp(flag.strip("-"))
+    code, stdout, stderr = run_in_process(*one_stage(flag, teacher, out, mnist_root))
+    assert code == 0, stderr
+    assert says in stdout
+    return out
 
 
 @pytest.fixture(scope="module")
 def consistency(chain, mnist_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("consistency")
-    code, stdout, stderr = run_in_process(*consistency_stage(chain / "guidance" / "ema.pt", out, mnist_root))
-    assert code == 0, stderr
-    assert "consistency distillation to 2 steps" in stdout
-    return out
+    return one_stage_run("--consistency", chain / "guidance" / "ema.pt", mnist_root, tmp_path_factory,
+                         "consistency distillation to 2 steps")
 
 
 def test_a_smoke_consistency_stage_samples_in_its_steps_everywhere(consistency, classifier_file, mnist_root,
@@ -375,7 +382,7 @@ def test_an_interrupted_consistency_stage_resumes_exactly(consistency, chain, mn
         return real(*args)
 
     monkeypatch.setattr(distill, "consistency_loss", interrupted)
-    args = consistency_stage(chain / "guidance" / "ema.pt", tmp_path, mnist_root)
+    args = one_stage("--consistency", chain / "guidance" / "ema.pt", tmp_path, mnist_root)
     code, _, stderr = run_in_process(*args)
     assert code == 128 + signal.SIGINT, stderr
     assert runs.load_checkpoint(str(tmp_path / "consistency-2" / "ckpt.pt"))["step"] == 4
@@ -407,3 +414,119 @@ def test_the_shipped_student_is_bf16_on_disk_fp32_when_loaded_and_samples_in_its
     code, _, stderr = run_in_process("loadmodel.py", STUDENT, "--num-samples", "10", "--out", str(tmp_path))
     assert code == 0, stderr
     assert "0/4 " in stderr and np.load(tmp_path / "samples.npz")["arr_0"].shape == (10, 28, 28, 1)
+
+
+def test_r1_is_the_squared_gradient_of_the_discriminator_at_the_real_digits():
+    x = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(5)
+    a = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    linear = lambda x, y: (a * x).flatten(1).sum(1) + y  # grad_x = a everywhere
+    torch.testing.assert_close(distill.r1_penalty(linear, x, labels), a.pow(2).sum())
+    quadratic = lambda x, y: 0.5 * x.pow(2).flatten(1).sum(1) * (1 + y)  # grad_x = (1 + y) x
+    expected = ((1 + labels.view(-1, 1, 1, 1)) * x).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(distill.r1_penalty(quadratic, x, labels), expected)
+    penalty = distill.r1_penalty(quadratic, x, labels)
+    assert penalty.requires_grad  # differentiable again: the discriminator's weights learn from it
+
+
+def adversarial_setup():
+    """A 2-step teacher and a 1-step student copied from it (smoke size, T = 64, v-prediction),
+    the adversarial loss between them, and one batch's digits and draws."""
+    teacher, cfg = conditional_model()
+    cfg = config.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
+    teacher, cfg = student_of(teacher, cfg)
+    cfg = config.merge_config(cfg, {"distill": {"stage": "adversarial", "steps": 1}})
+    loss_of = distill.stage_loss(cfg, teacher, teacher_steps=2)
+    x_0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(8) % 10)
+    return teacher, loss_of, x_0, draws
+
+
+def test_the_adversarial_loss_steps_the_discriminator_then_scores_the_students_one_step_digits():
+    teacher, loss_of, x_0, draws = adversarial_setup()
+    before = {k: v.clone() for k, v in loss_of.discriminator.state_dict().items()}
+    network = lambda x, t, *inputs: teacher(x, t, *inputs)
+    loss = loss_of(network, x_0, draws)
+    after = loss_of.discriminator.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # one step of its Adam
+    inputs = (draws.labels, draws.w)
+    with torch.no_grad():
+        fake = samplers.denoise(lambda x, t: teacher(x, t, *inputs), draws.eps, 0, loss_of.sched, "v", False)[0]
+        anchor = samplers.ddim_sample(lambda x, t: teacher(x, t, *inputs), draws.eps, loss_of.teacher_sched, "v",
+                                      progress=False)
+        adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
+    assert loss_of.sched.T == 1 and loss_of.teacher_sched.T == 2
+    expected = adversarial + distill.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(loss.detach(), expected)
+    assert (fake - anchor).abs().max() > 1e-3  # one step is not two: the anchor pulls
+    faded = loss_of(network, x_0, draws._replace(progress=1.0))  # the anchor's weight is 0 at the end
+    with torch.no_grad():
+        adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
+    torch.testing.assert_close(faded.detach(), adversarial)
+
+
+def test_the_discriminator_loss_of_an_undecided_discriminator_is_2_log_2():
+    x = torch.randn(4, 1, 28, 28)
+    undecided = lambda x, y: 0.0 * x.flatten(1).sum(1)
+    torch.testing.assert_close(distill.discriminator_loss(undecided, x, x.flip(0), torch.arange(4)),
+                               torch.tensor(2 * math.log(2)))
+    discriminator = distill.Discriminator(1, 10, 8)
+    assert discriminator(x, torch.tensor([0, 3, 9, 10])).shape == (4,)  # 10: the null label
+
+
+@pytest.fixture(scope="module")
+def adversarial(chain, mnist_root, tmp_path_factory):
+    return one_stage_run("--adversarial", chain / "steps-2" / "ema.pt", mnist_root, tmp_path_factory,
+                         "adversarial finish to 1 step from")
+
+
+def test_a_smoke_adversarial_stage_samples_in_one_step_everywhere(adversarial, classifier_file, mnist_root, tmp_path):
+    weights = adversarial / "adversarial" / "ema.pt"
+    state = runs.load_checkpoint(str(weights))
+    assert state["config"]["distill"]["stage"] == "adversarial" and state["config"]["distill"]["steps"] == 1
+    assert {key: state["config"]["sampling"][key] for key in distill.ADVERSARIAL_SAMPLING} == \
+        distill.ADVERSARIAL_SAMPLING and state["config"]["sampling"]["steps"] == 1 and state["step"] == 6
+    discriminator = runs.load_checkpoint(str(adversarial / "adversarial" / "ckpt.pt"), training=True)["loss"]
+    assert set(discriminator) == {"discriminator", "optimizer"}
+    assert "ddim, 1 steps" in samples_everywhere(weights, classifier_file, mnist_root, tmp_path, steps=1)
+
+
+def test_an_interrupted_adversarial_stage_resumes_exactly_with_its_discriminator(adversarial, chain, mnist_root,
+                                                                                 tmp_path, monkeypatch):
+    real, calls = distill.AdversarialLoss.__call__, []
+
+    def interrupted(self, *args):  # Ctrl-C during the 4th step
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args)
+
+    monkeypatch.setattr(distill.AdversarialLoss, "__call__", interrupted)
+    args = one_stage("--adversarial", chain / "steps-2" / "ema.pt", tmp_path, mnist_root)
+    code, _, stderr = run_in_process(*args)
+    assert code == 128 + signal.SIGINT, stderr
+    assert runs.load_checkpoint(str(tmp_path / "adversarial" / "ckpt.pt"))["step"] == 4
+    monkeypatch.setattr(distill.AdversarialLoss, "__call__", real)
+    code, _, stderr = run_in_process(*args)
+    assert code == 0, stderr
+    ours, theirs = (runs.load_checkpoint(str(folder / "adversarial" / "ckpt.pt"), training=True)
+                    for folder in (tmp_path, adversarial))
+    for name, weights in theirs["loss"]["discriminator"].items():
+        assert torch.equal(ours["loss"]["discriminator"][name], weights), name
+    assert_same_run(tmp_path / "adversarial" / "ckpt.pt", adversarial / "adversarial" / "ckpt.pt")
+
+
+def test_the_adversarial_stage_follows_the_rounds_or_finishes_a_few_step_student_alone(adversarial, tmp_path):
+    teacher = {"distill": {"stage": "", "steps": 0}, "model": {"num_classes": 10}}
+    assert distill.plan(teacher, 8, 1, adversarial=True) == [
+        ("guidance", 0), ("progressive", 4), ("progressive", 2), ("progressive", 1), ("adversarial", 1)]
+    assert distill.plan(teacher, 8, 2, consistency=True, adversarial=True) == [
+        ("guidance", 0), ("consistency", 2), ("adversarial", 1)]
+    for stage in ("progressive", "consistency"):
+        assert distill.plan({**teacher, "distill": {"stage": stage, "steps": 4}}, 32, 1, adversarial=True) == [
+            ("adversarial", 1)]
+    with pytest.raises(config.UserError, match="distilled further by --adversarial alone"):
+        distill.plan({**teacher, "distill": {"stage": "consistency", "steps": 2}}, 32, 1)
+    code, _, stderr = run_in_process("distill.py", str(adversarial / "adversarial" / "ema.pt"), "--adversarial",
+                                     "--out", str(tmp_path))
+    assert_one_line_error(code, stderr, "this teacher is an adversarial student already")
