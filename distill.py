@@ -165,6 +165,11 @@ def student_config(cfg, stage, steps, settings, minutes, guide=""):
 # The four losses, each of (network, x_0, draws) as training.train_step calls them (draws:
 # training.draw's t, eps, labels dropped to null as in training, and w ~ U(distill.guidance_range)).
 
+def network_inputs(draws):
+    """What a student takes after (x_t, t): the label and, for a guidance student, w."""
+    return tuple(x for x in (draws.labels, draws.w) if x is not None)
+
+
 def guidance_loss(teacher, guide, sched, null, network, x_0, draws):
     """Meng et al. 2023 stage 1: at x_t of a training digit (t uniform, as main.py trains), the
     student's output at (x_t, t, y, w) regresses the teacher's guided output (guidance.guided_output):
@@ -234,7 +239,7 @@ def progressive_loss(teacher, student_sched, teacher_sched, prediction, clip_x0,
     """Salimans & Ho 2022 Algorithm 2: at x_t of a training digit, on one of the student's N levels
     k = draws.t (uniform), the student's output regresses progressive_target. In v-prediction this
     squared error is their "SNR + 1" weighting."""
-    k, inputs = draws.t, tuple(x for x in (draws.labels, draws.w) if x is not None)
+    k, inputs = draws.t, network_inputs(draws)
     x_t = helper.q_sample(x_0, k, draws.eps, student_sched)
     with torch.no_grad():
         target = progressive_target(lambda x, t: teacher(x, t, *inputs), x_t, k, student_sched, teacher_sched,
@@ -291,7 +296,7 @@ def consistency_loss(teacher, sched, prediction, network, x_0, draws):
     student's f at (x_t, t) regresses its own f, without gradient, at the teacher's
     x_r = teacher_step(x_t, t -> r). ECT's distance is the pseudo-Huber sqrt(|d|^2 + c^2) - c
     with c = 0.00054 sqrt(dim x) (Song & Dhariwal 2023), weighted by 1 / (sigma_t - sigma_r)."""
-    inputs = tuple(x for x in (draws.labels, draws.w) if x is not None)
+    inputs = network_inputs(draws)
     sigmas, level_t = sched.edm_sigmas(), draws.t
     level_r = gap_levels(level_t, sigmas, draws.progress)
     x_t = helper.q_sample(x_0, level_t, draws.eps, sched)
@@ -367,7 +372,7 @@ class AdversarialLoss:
         self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=ADVERSARIAL["lr"], betas=ADVERSARIAL["betas"])
 
     def __call__(self, network, x_0, draws):
-        inputs = tuple(x for x in (draws.labels, draws.w) if x is not None)
+        inputs = network_inputs(draws)
         with torch.no_grad():
             anchor = samplers.ddim_sample(lambda x, t: self.teacher(x, t, *inputs), draws.eps, self.teacher_sched,
                                           self.prediction, progress=False)
