@@ -75,7 +75,7 @@ config = {
         "stage": "",               # "": trained by main.py; guidance: w is an input (Meng et al. 2023);
                                    # progressive: a few-step student (Salimans & Ho 2022);
                                    # consistency: a one- or two-step student (Song et al. 2023);
-                                   # adversarial: a one-step student finished against a discriminator
+                                   # adversarial: a one- or two-step student finished against a discriminator
         "steps": 0,                # progressive, consistency, adversarial: the DDIM steps the student samples with
         "guidance_range": [0.0, 2.0],  # guidance stage: w drawn uniformly from this range
         "guide": "",               # guidance stage: the teacher's guide it learnt autoguidance from; "": CFG

@@ -14,16 +14,16 @@
    Or, with --consistency, consistency distillation (Song et al. 2023) with ECT's gap and
    distance (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's
    ODE to its end, x_0, and samples in --to (1 or 2) steps.
-3. With --adversarial, an adversarial finish (as DMD2, Yin et al. 2024): a one-step student,
-   copied from the last few-step student (or from the teacher, when it is one), trained against
-   a small class-conditional discriminator learnt beside it from the training digits, anchored
-   to its teacher's few-step digits by a regression that fades out over the stage.
+3. With --adversarial, an adversarial finish (as DMD2, Yin et al. 2024; ADD, Sauer et al. 2023):
+   a student of --to (1 or 2) steps, copied from the last few-step student (or from the teacher,
+   when it is one), trained against a small class-conditional discriminator learnt beside it
+   from the training digits, anchored to its teacher's digits by a regression that fades out.
 
 Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
-steps-16/, steps-8/, ..., adversarial/), and ends with an ordinary weights file, its ema.pt, whose config
-says what it is and how many steps it samples with; loadmodel.py, evaluate.py and edit.py load
-it like any other. The same command again resumes an interrupted stage and skips finished
+steps-16/, steps-8/, ..., adversarial/ or adversarial-2/), and ends with an ordinary weights
+file, its ema.pt, whose config says what it is and how many steps it samples with;
+loadmodel.py, evaluate.py and edit.py load it like any other. The same command again resumes an interrupted stage and skips finished
 ones. --minutes is the whole budget: the last round, whose student is kept, gets two shares, every
 other stage one (stage_minutes).
 """
@@ -63,10 +63,12 @@ consistency models' multistep sampler (Song et al. 2023 Alg. 1): x_0 = f(x_T, T)
 best of 1.2, 1.6, 2 and 2.5 (docs/distill.md)."""
 
 
-ADVERSARIAL_SAMPLING = {"sampler": "ddim", "eta": 0.0, "spacing": "trailing", "clip_x0": False, "guidance": 1.2,
+ADVERSARIAL_SAMPLING = {"sampler": "ddim", "eta": 1.0, "spacing": "trailing", "clip_x0": False, "guidance": 1.2,
                         "guidance_interval": []}
-"""How an adversarial student samples: one network call from x_T, x_0 = f(x_T, T); w = 1.2 scored
-best of 1, 1.1, 1.2, 1.5 and 2 (docs/distill.md)."""
+"""How an adversarial student samples: one network call from x_T, x_0 = f(x_T, T), and for 2 steps
+that x_0 noised afresh to the middle level (DDIM eta = 1 from x_T), where the stage trained it on
+noised training digits, and f again; w = 1.2 scored best of 1, 1.1, 1.2, 1.5 and 2 at 1 step
+(docs/distill.md)."""
 
 
 def parse_args(argv=None):
@@ -80,13 +82,13 @@ def parse_args(argv=None):
     parser.add_argument("--start", type=runs.positive_int, default=32,
                         help="DDIM steps of the first progressive teacher (a power of two; default: 32)")
     parser.add_argument("--to", type=runs.positive_int,
-                        help="steps of the last few-step student (a power of two; default: 4, with --consistency "
-                             "2, with --adversarial 1)")
+                        help="steps of the last student (a power of two; default: 4, with --consistency 2, with "
+                             "--adversarial 1)")
     parser.add_argument("--consistency", action="store_true",
                         help="after the guidance stage, one consistency stage instead of progressive rounds")
     parser.add_argument("--adversarial", action="store_true",
-                        help="finish with a one-step student trained against a discriminator (from a few-step "
-                             "student: that stage alone)")
+                        help="finish with a student of --to steps trained against a discriminator (from a "
+                             "few-step student: that stage alone)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="settings",
                         help="change one config value of every student (distill.lr=1e-4, training.batch_size=64)")
     parser.add_argument("--guide", help="the guidance stage's guide: " + runs.GUIDE_HELP.split(": ", 1)[1])
@@ -103,16 +105,19 @@ def power_of_two(n):
 def plan(teacher_cfg, start, to, consistency=False, adversarial=False):
     """The stages from this teacher: ("guidance", 0) for a conditional teacher trained by main.py,
     then ("progressive", N) for N = start/2, start/4, ..., to (a progressive teacher of S steps:
-    from S/2), or ("consistency", to); and, if adversarial, ("adversarial", 1) (from a few-step
-    student, that stage alone). A UserError for a teacher or step counts that cannot be
-    distilled so."""
+    from S/2), or ("consistency", to); and, if adversarial, ("adversarial", to) (from a few-step
+    student of at least `to` steps, that stage alone). A UserError for a teacher or step counts
+    that cannot be distilled so."""
     if not (power_of_two(start) and power_of_two(to)):
         raise UserError(f"--start {start} and --to {to} must be powers of two (each round halves the steps)")
     stage, steps = teacher_cfg["distill"]["stage"], teacher_cfg["distill"]["steps"]
     if stage == "adversarial":
         raise UserError("this teacher is an adversarial student already: nothing is left to distil")
     if adversarial and stage in ("progressive", "consistency"):
-        return [("adversarial", 1)]
+        if to > steps:
+            raise UserError(f"the teacher samples in {steps} step{'s' * (steps > 1)}: an adversarial finish to {to} "
+                            f"steps needs a teacher of at least as many")
+        return [("adversarial", to)]
     if stage == "consistency":
         raise UserError("a consistency student is distilled further by --adversarial alone")
     if consistency and stage not in ("", "guidance"):
@@ -133,7 +138,7 @@ def plan(teacher_cfg, start, to, consistency=False, adversarial=False):
     while start > to and not consistency:
         start //= 2
         stages.append(("progressive", start))
-    return stages + [("adversarial", 1)] * adversarial
+    return stages + [("adversarial", to)] * adversarial
 
 
 def student_config(cfg, stage, steps, settings, minutes, guide=""):
@@ -311,11 +316,12 @@ def consistency_loss(teacher, sched, prediction, network, x_0, draws):
     return (((squared + c ** 2).sqrt() - c) / gap).mean()
 
 
-# The adversarial finish (as DMD2, Yin et al. 2024, without its distribution matching): the
-# student's one-step digits against a discriminator trained beside it from scratch, both with
-# the non-saturating loss (Goodfellow et al. 2014); the discriminator regularised by R1
-# (Mescheder et al. 2018); the student anchored to its teacher's few-step digits from the same
-# x_T by a squared error whose weight falls to 0 over the stage.
+# The adversarial finish (as DMD2, Yin et al. 2024, without its distribution matching; ADD, Sauer
+# et al. 2023, for more than one step): the student's digits, one call from each of its levels,
+# against a discriminator trained beside it from scratch, both with the non-saturating loss
+# (Goodfellow et al. 2014); the discriminator regularised by R1 (Mescheder et al. 2018); the
+# student anchored to its teacher's digits from the same x_t by a squared error whose weight
+# falls to 0 over the stage.
 
 ADVERSARIAL = {"width": 32,                     # the discriminator's channels at full resolution
                "lr": 2e-4, "betas": (0.0, 0.99),  # its Adam
@@ -358,13 +364,27 @@ def discriminator_loss(discriminator, real, fake, labels):
             + ADVERSARIAL["r1_gamma"] / 2 * r1_penalty(discriminator, real, labels))
 
 
+def teacher_digits(teacher, x_t, level, sched, prediction):
+    """The digits of the teacher (a model(x, t)) from x_t by DDIM (eta = 0) on its levels of sched,
+    each sample from its own level (B,) down: the steps above a sample's level leave it as it is."""
+    for i in range(sched.T - 1, -1, -1):
+        x_0, eps, _ = samplers.denoise(teacher, x_t, i, sched, prediction, False)
+        x_next = samplers.ddim_step(x_0, eps, sched.alpha_bars_prev[i].item())
+        x_t = torch.where((level >= i).view(-1, 1, 1, 1), x_next, x_t)
+    return x_t
+
+
 class AdversarialLoss:
     """The adversarial finish's loss of (network, x_0, draws), with the discriminator and its
-    optimiser as a state of its own (state_dict: the run's checkpoint keeps it). A call first
-    steps the discriminator (discriminator_loss, in float32) on the training digits x_0 against
-    the student's digits G(z) = f(z, T), z = draws.eps as sampling's x_T, then returns the
-    student's loss softplus(-D(G(z), y)) + anchor (1 - progress) |G(z) - teacher's digits from z|^2,
-    the teacher sampling deterministically (DDIM eta 0) in its own steps."""
+    optimiser as a state of its own (state_dict: the run's checkpoint keeps it). On one of the
+    student's K levels k = draws.t (uniform) of sched, x_k = q_sample(x_0, k, draws.eps): at the
+    top level sampling's x_T (up to sqrt(alpha_bar_T) x_0 ~ 5e-5 x_0), below it a noised training
+    digit, as 2-step sampling re-noises the first call's digit. A call first steps the
+    discriminator (discriminator_loss, in float32) on the training digits x_0 against the student's
+    digits G = f(x_k, k), then returns the student's loss
+        softplus(-D(G, y)) + anchor (1 - progress) |G - teacher's digits from x_k|^2,
+    the teacher sampling deterministically (DDIM eta 0) on its own levels below k (teacher_digits;
+    the trailing levels of K steps are among those of any multiple of K)."""
 
     def __init__(self, teacher, teacher_sched, sched, prediction, discriminator):
         self.teacher, self.teacher_sched, self.sched, self.prediction = teacher, teacher_sched, sched, prediction
@@ -372,12 +392,13 @@ class AdversarialLoss:
         self.optimizer = torch.optim.Adam(discriminator.parameters(), lr=ADVERSARIAL["lr"], betas=ADVERSARIAL["betas"])
 
     def __call__(self, network, x_0, draws):
-        inputs = network_inputs(draws)
+        k, inputs = draws.t, network_inputs(draws)
+        x_t = helper.q_sample(x_0, k, draws.eps, self.sched)
         with torch.no_grad():
-            anchor = samplers.ddim_sample(lambda x, t: self.teacher(x, t, *inputs), draws.eps, self.teacher_sched,
-                                          self.prediction, progress=False)
-        fake, _, _ = samplers.denoise(lambda x, t: network(x, t, *inputs), draws.eps, 0, self.sched, self.prediction,
-                                      False)
+            level_in_teacher = (k + 1) * (self.teacher_sched.T // self.sched.T) - 1
+            anchor = teacher_digits(lambda x, t: self.teacher(x, t, *inputs), x_t, level_in_teacher,
+                                    self.teacher_sched, self.prediction)
+        fake, _, _ = samplers.denoise(lambda x, t: network(x, t, *inputs), x_t, k, self.sched, self.prediction, False)
         with torch.autocast(x_0.device.type, enabled=False):
             loss = discriminator_loss(self.discriminator, x_0.float(), fake.detach(), draws.labels)
             self.optimizer.zero_grad(set_to_none=True)
@@ -408,7 +429,8 @@ def stage_loss(cfg, teacher, guide=None, teacher_steps=0):
     if cfg["distill"]["stage"] == "adversarial":
         torch.manual_seed(cfg["training"]["seed"])  # the discriminator's initialisation
         discriminator = Discriminator(cfg["data"]["channels"], cfg["model"]["num_classes"], ADVERSARIAL["width"])
-        return AdversarialLoss(teacher, trailing_schedule(diffusion, teacher_steps), trailing_schedule(diffusion, 1),
+        return AdversarialLoss(teacher, trailing_schedule(diffusion, teacher_steps),
+                               trailing_schedule(diffusion, cfg["distill"]["steps"]),
                                cfg["diffusion"]["prediction"],
                                discriminator.to(runs.resolve_device(cfg["training"]["device"])))
     schedules = student_and_teacher_schedules(diffusion, cfg["distill"]["steps"])
@@ -492,8 +514,8 @@ def stage_minutes(minutes, count):
 
 
 def stage_folder(stage, steps):
-    if stage == "consistency":
-        return f"consistency-{steps}"
+    if stage == "consistency" or stage == "adversarial" and steps > 1:
+        return f"{stage}-{steps}"
     return stage if stage in ("guidance", "adversarial") else f"steps-{steps}"
 
 

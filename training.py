@@ -32,12 +32,12 @@ Draws = collections.namedtuple("Draws", "t eps labels w progress")
 def draw(cfg, generator, shape, rows, labels=None, progress=0.0):
     """The randomness of one training step, drawn for the whole global batch of `shape`
     (B, C, S, S) as one process would, this process's `rows` (a slice) kept, so n processes
-    train on the draws of one: t uniform over the stage's levels (T, or a progressive student's
-    steps); eps ~ N(0, I); each label (B / n,) replaced by the null label with probability
+    train on the draws of one: t uniform over the stage's levels (T, or a progressive or
+    adversarial student's steps); eps ~ N(0, I); each label (B / n,) replaced by the null label with probability
     training.p_uncond (Ho & Salimans 2022 Alg. 1); a guidance student's w ~ U(distill.guidance_range).
     `progress`, the share of the run's steps done, rides along for losses that change over the run."""
     B, device, ds = shape[0], generator.device, cfg["distill"]
-    levels = ds["steps"] if ds["stage"] == "progressive" else cfg["diffusion"]["T"]
+    levels = ds["steps"] if ds["stage"] in ("progressive", "adversarial") else cfg["diffusion"]["T"]
     t = torch.randint(0, levels, (B,), generator=generator, device=device)[rows]
     eps = torch.randn(shape, generator=generator, device=device)[rows]
     if labels is not None:

@@ -342,15 +342,15 @@ def test_the_gap_starts_at_the_clean_image_halves_with_each_stage_and_stays_belo
     assert all(later < earlier for earlier, later in zip(gaps, gaps[1:])) and gaps[-1] < gaps[0] / 4, gaps
 
 
-def one_stage(flag, teacher, out, mnist_root):
+def one_stage(flag, teacher, out, mnist_root, *more):
     """distill.py's stage `flag` (--consistency, --adversarial) from `teacher`, 6 optimiser steps."""
     return ["distill.py", str(teacher), flag, "--out", str(out), "--data-root", mnist_root,
-            "--set", "training.minutes=0", "--set", "training.steps=6"]
+            "--set", "training.minutes=0", "--set", "training.steps=6", *more]
 
 
-def one_stage_run(flag, teacher, mnist_root, tmp_path_factory, says):
+def one_stage_run(flag, teacher, mnist_root, tmp_path_factory, says, *more):
     out = tmp_path_factory.mktemp(flag.strip("-"))
-    code, stdout, stderr = run_in_process(*one_stage(flag, teacher, out, mnist_root))
+    code, stdout, stderr = run_in_process(*one_stage(flag, teacher, out, mnist_root, *more))
     assert code == 0, stderr
     assert says in stdout
     return out
@@ -429,17 +429,32 @@ def test_r1_is_the_squared_gradient_of_the_discriminator_at_the_real_digits():
     assert penalty.requires_grad  # differentiable again: the discriminator's weights learn from it
 
 
-def adversarial_setup():
-    """A 2-step teacher and a 1-step student copied from it (smoke size, T = 64, v-prediction),
-    the adversarial loss between them, and one batch's digits and draws."""
+def adversarial_setup(steps=1):
+    """A 2-step teacher and a student of `steps` steps copied from it (smoke size, T = 64,
+    v-prediction), the adversarial loss between them, and one batch's digits and draws."""
     teacher, cfg = conditional_model()
     cfg = config.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
     teacher, cfg = student_of(teacher, cfg)
-    cfg = config.merge_config(cfg, {"distill": {"stage": "adversarial", "steps": 1}})
+    cfg = config.merge_config(cfg, {"distill": {"stage": "adversarial", "steps": steps}})
     loss_of = distill.stage_loss(cfg, teacher, teacher_steps=2)
     x_0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(8) % 10)
     return teacher, loss_of, x_0, draws
+
+
+def test_the_teachers_digits_start_each_sample_at_its_own_level():
+    teacher, cfg = conditional_model()
+    sched = distill.trailing_schedule(tuple(cfg["diffusion"].items()), 2)
+    model = lambda x, t: teacher(x, t, torch.arange(4))
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    level = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        digits = distill.teacher_digits(model, x, level, sched, "eps")
+        both_steps = samplers.ddim_sample(model, x, sched, "eps", progress=False)
+        last_step = samplers.denoise(model, x, 0, sched, "eps", False)[0]  # from the lowest level: its x_0
+    torch.testing.assert_close(digits[level == 1], both_steps[level == 1])
+    torch.testing.assert_close(digits[level == 0], last_step[level == 0])
+    assert (both_steps - last_step).abs().max() > 1e-3
 
 
 def test_the_adversarial_loss_steps_the_discriminator_then_scores_the_students_one_step_digits():
@@ -450,9 +465,11 @@ def test_the_adversarial_loss_steps_the_discriminator_then_scores_the_students_o
     after = loss_of.discriminator.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # one step of its Adam
     inputs = (draws.labels, draws.w)
+    x_T = helper.q_sample(x_0, draws.t, draws.eps, loss_of.sched)
+    assert (draws.t == 0).all() and (x_T - draws.eps).abs().max() < 1e-3  # sampling's x_T, up to sqrt(alpha_bar_T) x_0
     with torch.no_grad():
-        fake = samplers.denoise(lambda x, t: teacher(x, t, *inputs), draws.eps, 0, loss_of.sched, "v", False)[0]
-        anchor = samplers.ddim_sample(lambda x, t: teacher(x, t, *inputs), draws.eps, loss_of.teacher_sched, "v",
+        fake = samplers.denoise(lambda x, t: teacher(x, t, *inputs), x_T, 0, loss_of.sched, "v", False)[0]
+        anchor = samplers.ddim_sample(lambda x, t: teacher(x, t, *inputs), x_T, loss_of.teacher_sched, "v",
                                       progress=False)
         adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
     assert loss_of.sched.T == 1 and loss_of.teacher_sched.T == 2
@@ -463,6 +480,26 @@ def test_the_adversarial_loss_steps_the_discriminator_then_scores_the_students_o
     with torch.no_grad():
         adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
     torch.testing.assert_close(faded.detach(), adversarial)
+
+
+def test_a_two_step_finish_scores_the_students_digits_from_x_T_and_from_noised_training_digits():
+    teacher, loss_of, x_0, draws = adversarial_setup(steps=2)
+    assert set(draws.t.tolist()) == {0, 1}  # both of the student's levels
+    network = lambda x, t, *inputs: teacher(x, t, *inputs)
+    loss = loss_of(network, x_0, draws)
+    inputs, top = (draws.labels, draws.w), draws.t == 1
+    student = lambda x, t: teacher(x, t, *inputs)
+    x_T = draws.eps  # the top level, up to sqrt(alpha_bar_T) x_0
+    x_middle = helper.q_sample(x_0, torch.zeros_like(draws.t), draws.eps, loss_of.sched)
+    with torch.no_grad():
+        fake = torch.where(top.view(-1, 1, 1, 1), samplers.denoise(student, x_T, 1, loss_of.sched, "v", False)[0],
+                           samplers.denoise(student, x_middle, 0, loss_of.sched, "v", False)[0])
+        anchor = torch.where(top.view(-1, 1, 1, 1), samplers.ddim_sample(student, x_T, loss_of.teacher_sched, "v",
+                                                                         progress=False),
+                             fake)  # from the middle level the teacher's one step is the student's copy of it
+        adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
+    expected = adversarial + distill.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_the_discriminator_loss_of_an_undecided_discriminator_is_2_log_2():
@@ -489,6 +526,16 @@ def test_a_smoke_adversarial_stage_samples_in_one_step_everywhere(adversarial, c
     discriminator = runs.load_checkpoint(str(adversarial / "adversarial" / "ckpt.pt"), training=True)["loss"]
     assert set(discriminator) == {"discriminator", "optimizer"}
     assert "ddim, 1 steps" in samples_everywhere(weights, classifier_file, mnist_root, tmp_path, steps=1)
+
+
+def test_a_smoke_two_step_adversarial_stage_samples_in_two_steps(chain, mnist_root, tmp_path_factory, tmp_path):
+    out = one_stage_run("--adversarial", chain / "steps-2" / "ema.pt", mnist_root, tmp_path_factory,
+                        "adversarial finish to 2 steps from", "--to", "2")
+    state = runs.load_checkpoint(str(out / "adversarial-2" / "ema.pt"))
+    assert state["config"]["distill"]["steps"] == 2 and state["config"]["sampling"]["steps"] == 2
+    code, _, stderr = run_in_process("loadmodel.py", str(out / "adversarial-2" / "ema.pt"), "--out", str(tmp_path))
+    assert code == 0, stderr
+    assert "ddim" in stderr and "| 0/2 [" in stderr
 
 
 def test_an_interrupted_adversarial_stage_resumes_exactly_with_its_discriminator(adversarial, chain, mnist_root,
@@ -521,10 +568,13 @@ def test_the_adversarial_stage_follows_the_rounds_or_finishes_a_few_step_student
     assert distill.plan(teacher, 8, 1, adversarial=True) == [
         ("guidance", 0), ("progressive", 4), ("progressive", 2), ("progressive", 1), ("adversarial", 1)]
     assert distill.plan(teacher, 8, 2, consistency=True, adversarial=True) == [
-        ("guidance", 0), ("consistency", 2), ("adversarial", 1)]
+        ("guidance", 0), ("consistency", 2), ("adversarial", 2)]
     for stage in ("progressive", "consistency"):
-        assert distill.plan({**teacher, "distill": {"stage": stage, "steps": 4}}, 32, 1, adversarial=True) == [
-            ("adversarial", 1)]
+        for to in (1, 2):
+            assert distill.plan({**teacher, "distill": {"stage": stage, "steps": 4}}, 32, to, adversarial=True) == [
+                ("adversarial", to)]
+    with pytest.raises(config.UserError, match="the teacher samples in 1 step: an adversarial finish to 2 steps"):
+        distill.plan({**teacher, "distill": {"stage": "progressive", "steps": 1}}, 32, 2, adversarial=True)
     with pytest.raises(config.UserError, match="distilled further by --adversarial alone"):
         distill.plan({**teacher, "distill": {"stage": "consistency", "steps": 2}}, 32, 1)
     code, _, stderr = run_in_process("distill.py", str(adversarial / "adversarial" / "ema.pt"), "--adversarial",
