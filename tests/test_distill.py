@@ -521,8 +521,9 @@ def test_a_smoke_adversarial_stage_samples_in_one_step_everywhere(adversarial, c
     weights = adversarial / "adversarial" / "ema.pt"
     state = runs.load_checkpoint(str(weights))
     assert state["config"]["distill"]["stage"] == "adversarial" and state["config"]["distill"]["steps"] == 1
-    assert {key: state["config"]["sampling"][key] for key in distill.ADVERSARIAL_SAMPLING} == \
-        distill.ADVERSARIAL_SAMPLING and state["config"]["sampling"]["steps"] == 1 and state["step"] == 6
+    sampling = distill.adversarial_sampling(1)
+    assert {key: state["config"]["sampling"][key] for key in sampling} == sampling and \
+        state["config"]["sampling"]["steps"] == 1 and state["step"] == 6
     discriminator = runs.load_checkpoint(str(adversarial / "adversarial" / "ckpt.pt"), training=True)["loss"]
     assert set(discriminator) == {"discriminator", "optimizer"}
     assert "ddim, 1 steps" in samples_everywhere(weights, classifier_file, mnist_root, tmp_path, steps=1)
@@ -532,7 +533,9 @@ def test_a_smoke_two_step_adversarial_stage_samples_in_two_steps(chain, mnist_ro
     out = one_stage_run("--adversarial", chain / "steps-2" / "ema.pt", mnist_root, tmp_path_factory,
                         "adversarial finish to 2 steps from", "--to", "2")
     state = runs.load_checkpoint(str(out / "adversarial-2" / "ema.pt"))
+    sampling = distill.adversarial_sampling(2)
     assert state["config"]["distill"]["steps"] == 2 and state["config"]["sampling"]["steps"] == 2
+    assert {key: state["config"]["sampling"][key] for key in sampling} == sampling and sampling["eta"] == 1
     code, _, stderr = run_in_process("loadmodel.py", str(out / "adversarial-2" / "ema.pt"), "--out", str(tmp_path))
     assert code == 0, stderr
     assert "ddim" in stderr and "| 0/2 [" in stderr
