@@ -62,7 +62,7 @@ class Training:
     """A run in memory: what a step needs and changes, and (state_dict) what a checkpoint keeps.
     `network` is `model` or its DistributedDataParallel or compiled wrapper (DDP averages the
     gradients in backward, so every process steps alike); loss_of(network, x_0, draws) -> loss,
-    and a loss with a state of its own (distill.AdversarialLoss's discriminator) gives it to the
+    and a loss with a state of its own (distill_losses.AdversarialLoss's discriminator) gives it to the
     checkpoint through its state_dict and load_state_dict."""
     cfg: dict
     model: torch.nn.Module

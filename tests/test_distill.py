@@ -12,6 +12,7 @@ import torch
 
 import config
 import distill
+import distill_losses
 import guidance
 import helper
 import runs
@@ -89,7 +90,7 @@ def test_the_guided_target_is_uncond_plus_w_times_cond_minus_uncond():
         return teacher(x_in, t, labels)
 
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
-    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher)
+    loss_of = distill_losses.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher)
     with torch.no_grad():
         loss, wrong = loss_of(exact, x_0, draws), loss_of(conditional_only, x_0, draws)
     assert loss.item() < 1e-10 and wrong.item() > 1e-4
@@ -114,7 +115,7 @@ def test_the_autoguided_target_is_guide_plus_w_times_teacher_minus_guide_at_the_
                                       w.view(-1, 1, 1, 1))
 
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), y)
-    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher, guide)
+    loss_of = distill_losses.stage_loss(config.merge_config(cfg, {"distill": {"stage": "guidance"}}), teacher, guide)
     with torch.no_grad():
         loss, wrong = loss_of(exact, x_0, draws), loss_of(classifier_free, x_0, draws)
     assert loss.item() < 1e-10 and wrong.item() > 1e-4
@@ -124,7 +125,7 @@ def test_one_ddim_step_to_the_two_step_target_lands_where_two_steps_landed():
     generator = torch.Generator().manual_seed(0)
     x_t, x_next = torch.randn(2, 8, 1, 4, 4, generator=generator)
     for alpha_bar_t, alpha_bar_next in [(0.1, 0.5), (0.6, 0.9), (0.3, 1.0)]:  # 1.0: the last step, to x_0
-        x_0 = distill.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
+        x_0 = distill_losses.two_step_target(x_t, x_next, torch.tensor(alpha_bar_t), torch.tensor(alpha_bar_next))
         eps = (x_t - alpha_bar_t ** 0.5 * x_0) / (1 - alpha_bar_t) ** 0.5  # what x_0 implies at x_t
         torch.testing.assert_close(samplers.ddim_step(x_0, eps, alpha_bar_next), x_next, rtol=1e-5, atol=1e-5)
 
@@ -149,7 +150,7 @@ def test_a_student_that_outputs_its_target_samples_as_its_teacher_at_twice_the_s
     x_t it meets, its N DDIM steps reproduce the teacher's 2N (clipped or not)."""
     teacher, cfg = conditional_model()
     diffusion = config.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})["diffusion"]
-    student_sched, teacher_sched = distill.student_and_teacher_schedules(tuple(diffusion.items()), steps)
+    student_sched, teacher_sched = distill_losses.student_and_teacher_schedules(tuple(diffusion.items()), steps)
     labels = torch.tensor([3, 7, 1, 9])
 
     def teacher_net(x, t):
@@ -157,7 +158,7 @@ def test_a_student_that_outputs_its_target_samples_as_its_teacher_at_twice_the_s
 
     def oracle(x, t):  # the student's timestep t -> its level k
         k = torch.searchsorted(student_sched.timesteps.to(t.device), t)
-        return distill.progressive_target(teacher_net, x, k, student_sched, teacher_sched, "v", True)
+        return distill_losses.progressive_target(teacher_net, x, k, student_sched, teacher_sched, "v", True)
 
     x_T = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -214,7 +215,7 @@ def samples_everywhere(weights, classifier_file, mnist_root, out, *evaluate_args
 
 
 def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root, tmp_path, monkeypatch):
-    real, calls = distill.progressive_loss, []
+    real, calls = distill_losses.progressive_loss, []
 
     def interrupted(*args):  # Ctrl-C during the 4th step of the first round
         calls.append(1)
@@ -222,12 +223,12 @@ def test_an_interrupted_chain_resumes_exactly(chain, conditional_run, mnist_root
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args)
 
-    monkeypatch.setattr(distill, "progressive_loss", interrupted)
+    monkeypatch.setattr(distill_losses, "progressive_loss", interrupted)
     code, _, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", tmp_path, mnist_root, to=4))
     assert code == 128 + signal.SIGINT, stderr
     assert runs.load_checkpoint(str(tmp_path / "steps-4" / "ckpt.pt"))["step"] == 4
     assert not (tmp_path / "steps-4" / "ema.pt").exists()
-    monkeypatch.setattr(distill, "progressive_loss", real)
+    monkeypatch.setattr(distill_losses, "progressive_loss", real)
     code, stdout, stderr = run_in_process(*smoke_chain(conditional_run / "ckpt.pt", tmp_path, mnist_root, to=4))
     assert code == 0, stderr
     assert "guidance is finished; skipping it" in stdout
@@ -298,14 +299,14 @@ def test_the_consistency_target_is_one_exact_ddim_step_and_f_is_x_at_the_clean_l
     teacher = exact_network(x_0, sched)
     level_t, level_r = torch.tensor([63, 40, 20, 5, 1, 30]), torch.tensor([62, 10, -1, 4, 0, -1])
     x_t = helper.q_sample(x_0, level_t, eps, sched)
-    x_r = distill.teacher_step(teacher, x_t, level_t, level_r, sched, "v")
+    x_r = distill_losses.teacher_step(teacher, x_t, level_t, level_r, sched, "v")
     a_r = torch.tensor([sched.alpha_bars[r].item() if r >= 0 else 1.0 for r in level_r]).view(-1, 1, 1, 1)
     torch.testing.assert_close(x_r, a_r.sqrt() * x_0 + (1 - a_r).sqrt() * eps, rtol=1e-4, atol=1e-4)  # same eps
-    torch.testing.assert_close(distill.consistency_function(teacher, x_r, level_r, sched, "v"), x_0,
+    torch.testing.assert_close(distill_losses.consistency_function(teacher, x_r, level_r, sched, "v"), x_0,
                                rtol=1e-4, atol=1e-4)
     clean = level_r < 0
-    assert torch.equal(distill.consistency_function(teacher, x_t, torch.full((6,), -1), sched, "v"), x_t)
-    assert torch.equal(x_r[clean], distill.consistency_function(teacher, x_t, level_t, sched, "v")[clean])
+    assert torch.equal(distill_losses.consistency_function(teacher, x_t, torch.full((6,), -1), sched, "v"), x_t)
+    assert torch.equal(x_r[clean], distill_losses.consistency_function(teacher, x_t, level_t, sched, "v")[clean])
 
 
 def test_the_consistency_loss_is_zero_for_a_consistent_student_and_positive_otherwise():
@@ -314,7 +315,7 @@ def test_the_consistency_loss_is_zero_for_a_consistent_student_and_positive_othe
                                     "diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
     sched = Schedule.from_config(cfg["diffusion"])
     x_0 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    loss_of = distill.stage_loss(config.merge_config(cfg, {"distill": {"stage": "consistency", "steps": 2}}),
+    loss_of = distill_losses.stage_loss(config.merge_config(cfg, {"distill": {"stage": "consistency", "steps": 2}}),
                                  exact_network(x_0, sched))
     for progress in (0.0, 0.5, 0.99):
         draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(16) % 10,
@@ -326,8 +327,8 @@ def test_the_consistency_loss_is_zero_for_a_consistent_student_and_positive_othe
 def test_the_gap_starts_at_the_clean_image_halves_with_each_stage_and_stays_below_t():
     sigmas = Schedule(helper.cosine_betas(1000)).edm_sigmas()
     level_t, gaps = torch.arange(1000), []
-    for stage in range(distill.ECT["stages"]):
-        level_r = distill.gap_levels(level_t, sigmas, (stage + 0.5) / distill.ECT["stages"])
+    for stage in range(distill_losses.ECT["stages"]):
+        level_r = distill_losses.gap_levels(level_t, sigmas, (stage + 0.5) / distill_losses.ECT["stages"])
         assert (level_r < level_t).all() and (level_r >= -1).all()
         gaps.append((1 - torch.where(level_r < 0, 0.0, sigmas[level_r.clamp(min=0)]) / sigmas).mean().item())
         for t, r in zip(level_t.tolist(), level_r.tolist()):
@@ -373,7 +374,7 @@ def test_a_smoke_consistency_stage_samples_in_its_steps_everywhere(consistency, 
 
 
 def test_an_interrupted_consistency_stage_resumes_exactly(consistency, chain, mnist_root, tmp_path, monkeypatch):
-    real, calls = distill.consistency_loss, []
+    real, calls = distill_losses.consistency_loss, []
 
     def interrupted(*args):  # Ctrl-C during the 4th step
         calls.append(1)
@@ -381,12 +382,12 @@ def test_an_interrupted_consistency_stage_resumes_exactly(consistency, chain, mn
             os.kill(os.getpid(), signal.SIGINT)
         return real(*args)
 
-    monkeypatch.setattr(distill, "consistency_loss", interrupted)
+    monkeypatch.setattr(distill_losses, "consistency_loss", interrupted)
     args = one_stage("--consistency", chain / "guidance" / "ema.pt", tmp_path, mnist_root)
     code, _, stderr = run_in_process(*args)
     assert code == 128 + signal.SIGINT, stderr
     assert runs.load_checkpoint(str(tmp_path / "consistency-2" / "ckpt.pt"))["step"] == 4
-    monkeypatch.setattr(distill, "consistency_loss", real)
+    monkeypatch.setattr(distill_losses, "consistency_loss", real)
     code, _, stderr = run_in_process(*args)
     assert code == 0, stderr
     assert_same_run(tmp_path / "consistency-2" / "ckpt.pt", consistency / "consistency-2" / "ckpt.pt")
@@ -421,11 +422,11 @@ def test_r1_is_the_squared_gradient_of_the_discriminator_at_the_real_digits():
     labels = torch.arange(5)
     a = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(1))
     linear = lambda x, y: (a * x).flatten(1).sum(1) + y  # grad_x = a everywhere
-    torch.testing.assert_close(distill.r1_penalty(linear, x, labels), a.pow(2).sum())
+    torch.testing.assert_close(distill_losses.r1_penalty(linear, x, labels), a.pow(2).sum())
     quadratic = lambda x, y: 0.5 * x.pow(2).flatten(1).sum(1) * (1 + y)  # grad_x = (1 + y) x
     expected = ((1 + labels.view(-1, 1, 1, 1)) * x).pow(2).flatten(1).sum(1).mean()
-    torch.testing.assert_close(distill.r1_penalty(quadratic, x, labels), expected)
-    penalty = distill.r1_penalty(quadratic, x, labels)
+    torch.testing.assert_close(distill_losses.r1_penalty(quadratic, x, labels), expected)
+    penalty = distill_losses.r1_penalty(quadratic, x, labels)
     assert penalty.requires_grad  # differentiable again: the discriminator's weights learn from it
 
 
@@ -436,7 +437,7 @@ def adversarial_setup(steps=1):
     cfg = config.merge_config(cfg, {"diffusion": {"T": 64, "schedule": "cosine", "prediction": "v"}})
     teacher, cfg = student_of(teacher, cfg)
     cfg = config.merge_config(cfg, {"distill": {"stage": "adversarial", "steps": steps}})
-    loss_of = distill.stage_loss(cfg, teacher, teacher_steps=2)
+    loss_of = distill_losses.stage_loss(cfg, teacher, teacher_steps=2)
     x_0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
     draws = training.draw(cfg, torch.Generator().manual_seed(0), x_0.shape, slice(None), torch.arange(8) % 10)
     return teacher, loss_of, x_0, draws
@@ -444,12 +445,12 @@ def adversarial_setup(steps=1):
 
 def test_the_teachers_digits_start_each_sample_at_its_own_level():
     teacher, cfg = conditional_model()
-    sched = distill.trailing_schedule(tuple(cfg["diffusion"].items()), 2)
+    sched = distill_losses.trailing_schedule(tuple(cfg["diffusion"].items()), 2)
     model = lambda x, t: teacher(x, t, torch.arange(4))
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     level = torch.tensor([1, 0, 1, 0])
     with torch.no_grad():
-        digits = distill.teacher_digits(model, x, level, sched, "eps")
+        digits = distill_losses.teacher_digits(model, x, level, sched, "eps")
         both_steps = samplers.ddim_sample(model, x, sched, "eps", progress=False)
         last_step = samplers.denoise(model, x, 0, sched, "eps", False)[0]  # from the lowest level: its x_0
     torch.testing.assert_close(digits[level == 1], both_steps[level == 1])
@@ -473,7 +474,7 @@ def test_the_adversarial_loss_steps_the_discriminator_then_scores_the_students_o
                                       progress=False)
         adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
     assert loss_of.sched.T == 1 and loss_of.teacher_sched.T == 2
-    expected = adversarial + distill.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
+    expected = adversarial + distill_losses.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
     torch.testing.assert_close(loss.detach(), expected)
     assert (fake - anchor).abs().max() > 1e-3  # one step is not two: the anchor pulls
     faded = loss_of(network, x_0, draws._replace(progress=1.0))  # the anchor's weight is 0 at the end
@@ -498,16 +499,16 @@ def test_a_two_step_finish_scores_the_students_digits_from_x_T_and_from_noised_t
                                                                          progress=False),
                              fake)  # from the middle level the teacher's one step is the student's copy of it
         adversarial = torch.nn.functional.softplus(-loss_of.discriminator(fake, draws.labels)).mean()
-    expected = adversarial + distill.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
+    expected = adversarial + distill_losses.ADVERSARIAL["anchor"] * (fake - anchor).pow(2).flatten(1).sum(1).mean()
     torch.testing.assert_close(loss.detach(), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_the_discriminator_loss_of_an_undecided_discriminator_is_2_log_2():
     x = torch.randn(4, 1, 28, 28)
     undecided = lambda x, y: 0.0 * x.flatten(1).sum(1)
-    torch.testing.assert_close(distill.discriminator_loss(undecided, x, x.flip(0), torch.arange(4)),
+    torch.testing.assert_close(distill_losses.discriminator_loss(undecided, x, x.flip(0), torch.arange(4)),
                                torch.tensor(2 * math.log(2)))
-    discriminator = distill.Discriminator(1, 10, 8)
+    discriminator = distill_losses.Discriminator(1, 10, 8)
     assert discriminator(x, torch.tensor([0, 3, 9, 10])).shape == (4,)  # 10: the null label
 
 
@@ -543,7 +544,7 @@ def test_a_smoke_two_step_adversarial_stage_samples_in_two_steps(chain, mnist_ro
 
 def test_an_interrupted_adversarial_stage_resumes_exactly_with_its_discriminator(adversarial, chain, mnist_root,
                                                                                  tmp_path, monkeypatch):
-    real, calls = distill.AdversarialLoss.__call__, []
+    real, calls = distill_losses.AdversarialLoss.__call__, []
 
     def interrupted(self, *args):  # Ctrl-C during the 4th step
         calls.append(1)
@@ -551,12 +552,12 @@ def test_an_interrupted_adversarial_stage_resumes_exactly_with_its_discriminator
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, *args)
 
-    monkeypatch.setattr(distill.AdversarialLoss, "__call__", interrupted)
+    monkeypatch.setattr(distill_losses.AdversarialLoss, "__call__", interrupted)
     args = one_stage("--adversarial", chain / "steps-2" / "ema.pt", tmp_path, mnist_root)
     code, _, stderr = run_in_process(*args)
     assert code == 128 + signal.SIGINT, stderr
     assert runs.load_checkpoint(str(tmp_path / "adversarial" / "ckpt.pt"))["step"] == 4
-    monkeypatch.setattr(distill.AdversarialLoss, "__call__", real)
+    monkeypatch.setattr(distill_losses.AdversarialLoss, "__call__", real)
     code, _, stderr = run_in_process(*args)
     assert code == 0, stderr
     ours, theirs = (runs.load_checkpoint(str(folder / "adversarial" / "ckpt.pt"), training=True)
