@@ -15,13 +15,14 @@
    distance (Geng et al. 2024): one stage, whose student maps any point of the guided teacher's
    ODE to its end, x_0, and samples in --to (1 or 2) steps.
 3. With --adversarial, an adversarial finish (as DMD2, Yin et al. 2024; ADD, Sauer et al. 2023):
-   a student of --to (1 or 2) steps, copied from the last few-step student (or from the teacher,
-   when it is one), trained against a small class-conditional discriminator learnt beside it
-   from the training digits, anchored to its teacher's digits by a regression that fades out.
+   a student of --to steps (1, 2 or 4), copied from the last few-step student (or from the
+   teacher, when it is one), trained against a small class-conditional discriminator learnt
+   beside it from the training digits, anchored to its teacher's digits by a regression that
+   fades out.
 
 Each stage trains with main.py's own loop (training.train: time budget, atomic checkpoints,
 Ctrl-C/SIGTERM, exact resume, progress bar) in a folder of its own under DIR (guidance/,
-steps-16/, steps-8/, ..., adversarial/ or adversarial-2/), and ends with an ordinary weights
+steps-16/, steps-8/, ..., adversarial/ or adversarial-N/), and ends with an ordinary weights
 file, its ema.pt, whose config says what it is and how many steps it samples with;
 loadmodel.py, evaluate.py and edit.py load it like any other. The same command again resumes
 an interrupted stage and skips finished ones. --minutes is the whole budget: the last round,
@@ -59,10 +60,10 @@ best of 1.2, 1.6, 2 and 2.5 (docs/distill.md)."""
 
 
 def adversarial_sampling(steps):
-    """How an adversarial student samples: one network call from x_T, x_0 = f(x_T, T), and for 2
-    steps that x_0 noised afresh to the middle level (DDIM eta = 1 from x_T), where the stage
+    """How an adversarial student samples: one network call from x_T, x_0 = f(x_T, T), and for more
+    steps that x_0 noised afresh to the next level (DDIM eta = 1 from x_T), where the stage
     trained it on noised training digits, and f again. w = 1.2 scored best of 1, 1.1, 1.2, 1.5
-    and 2 at 1 step; at 2 steps 1.1 tied 1 in FID with more precision (docs/distill.md)."""
+    and 2 at 1 step; at 2 and 4 steps 1.1 tied 1 in FID with more precision (docs/distill.md)."""
     return {"sampler": "ddim", "eta": 1.0, "spacing": "trailing", "clip_x0": False,
             "guidance": 1.2 if steps == 1 else 1.1, "guidance_interval": []}
 

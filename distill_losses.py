@@ -206,13 +206,16 @@ def discriminator_loss(discriminator, real, fake, labels):
             + ADVERSARIAL["r1_gamma"] / 2 * r1_penalty(discriminator, real, labels))
 
 
-def teacher_digits(teacher, x_t, level, sched, prediction):
-    """The digits of the teacher (a model(x, t)) from x_t by DDIM (eta = 0) on its levels of sched,
-    each sample from its own level (B,) down: the steps above a sample's level leave it as it is."""
-    for i in range(sched.T - 1, -1, -1):
-        x_0, eps, _ = samplers.denoise(teacher, x_t, i, sched, prediction, False)
-        x_next = samplers.ddim_step(x_0, eps, sched.alpha_bars_prev[i].item())
-        x_t = torch.where((level >= i).view(-1, 1, 1, 1), x_next, x_t)
+def teacher_digits(teacher, x_t, level, sched, prediction, inputs=()):
+    """The digits of the teacher, model(x, t, *inputs), from x_t by DDIM (eta = 0) on its levels of
+    sched, each sample from its own level (B,) down; `inputs` are per sample (B, ...), like x_t.
+    A level's step runs on the samples that have started there, so none is run in vain."""
+    x_t = x_t.clone()
+    for i in range(int(level.max()), -1, -1):
+        run = level >= i
+        here = torch.full((int(run.sum()),), i, device=x_t.device)
+        x_t[run] = teacher_step(lambda x, t: teacher(x, t, *(v[run] for v in inputs)), x_t[run], here, here - 1,
+                                sched, prediction)
     return x_t
 
 
@@ -221,7 +224,7 @@ class AdversarialLoss:
     optimiser as a state of its own (state_dict: the run's checkpoint keeps it). On one of the
     student's K levels k = draws.t (uniform) of sched, x_k = q_sample(x_0, k, draws.eps): at the
     top level sampling's x_T (up to sqrt(alpha_bar_T) x_0 ~ 5e-5 x_0), below it a noised training
-    digit, as 2-step sampling re-noises the first call's digit. A call first steps the
+    digit, as sampling in K steps re-noises each call's digit. A call first steps the
     discriminator (discriminator_loss, in float32) on the training digits x_0 against the student's
     digits G = f(x_k, k), then returns the student's loss
         softplus(-D(G, y)) + anchor (1 - progress) |G - teacher's digits from x_k|^2,
@@ -238,8 +241,7 @@ class AdversarialLoss:
         x_t = helper.q_sample(x_0, k, draws.eps, self.sched)
         with torch.no_grad():
             level_in_teacher = (k + 1) * (self.teacher_sched.T // self.sched.T) - 1
-            anchor = teacher_digits(lambda x, t: self.teacher(x, t, *inputs), x_t, level_in_teacher,
-                                    self.teacher_sched, self.prediction)
+            anchor = teacher_digits(self.teacher, x_t, level_in_teacher, self.teacher_sched, self.prediction, inputs)
         fake, _, _ = samplers.denoise(lambda x, t: network(x, t, *inputs), x_t, k, self.sched, self.prediction, False)
         with torch.autocast(x_0.device.type, enabled=False):
             loss = discriminator_loss(self.discriminator, x_0.float(), fake.detach(), draws.labels)
