@@ -33,10 +33,10 @@ def guidance_loss(teacher, guide, sched, null, network, x_0, draws):
     return (network(x_t, draws.t, draws.labels, draws.w).float() - target).pow(2).mean()
 
 
-def student_level_in_teacher(k):
-    """The teacher's level (of 2N, trailing) that is the student's level k (of N): the trailing
-    spacing's N levels are every other level of its 2N."""
-    return 2 * k + 1
+def student_level_in_teacher(k, factor=2):
+    """The teacher's level (of factor * N, trailing) that is the student's level k (of N): the
+    trailing spacing's N levels are every factor-th level of its factor * N, the top one included."""
+    return (k + 1) * factor - 1
 
 
 def two_step_target(x_t, x_next, alpha_bar_t, alpha_bar_next):
@@ -62,12 +62,23 @@ def student_and_teacher_schedules(diffusion, steps):
     return trailing_schedule(diffusion, steps), trailing_schedule(diffusion, 2 * steps)
 
 
+def alpha_bar_at(sched, level, shape):
+    """alpha_bar at each level (B,) of sched, 1 at level -1 (the clean image), shaped to broadcast."""
+    return helper.extract(sched.alpha_bars_prev, level + 1, shape)  # alpha_bars_prev[i] = alpha_bars[i - 1]
+
+
+def teacher_step(teacher, x_t, level_t, level_r, sched, prediction, clip_x0=False):
+    """One DDIM step (eta = 0) of the teacher, a model(x, t), from x_t at level_t to level_r (B,):
+    sqrt(a_r) x_0 + sqrt(1 - a_r) eps of its (x_0, eps); at level -1 its x_0."""
+    x_0, eps, _ = samplers.denoise(teacher, x_t, level_t, sched, prediction, clip_x0)
+    return samplers.ddim_step(x_0, eps, alpha_bar_at(sched, level_r, x_t.shape))
+
+
 def teacher_two_steps(teacher, x_t, k, teacher_sched, prediction, clip_x0):
     """Two DDIM steps (eta = 0) of the teacher (a model(x, t)) from x_t at the student's level k
     (B,): its levels 2k + 1 -> 2k -> 2k - 1 (clean after level 0)."""
     for level in (student_level_in_teacher(k), student_level_in_teacher(k) - 1):
-        x_0, eps, _ = samplers.denoise(teacher, x_t, level, teacher_sched, prediction, clip_x0)
-        x_t = samplers.ddim_step(x_0, eps, helper.extract(teacher_sched.alpha_bars_prev, level, x_t.shape))
+        x_t = teacher_step(teacher, x_t, level, level - 1, teacher_sched, prediction, clip_x0)
     return x_t
 
 
@@ -118,22 +129,10 @@ def gap_levels(level_t, sigmas, progress):
     return torch.minimum(level_r, level_t - 1)
 
 
-def alpha_bar_at(sched, level, shape):
-    """alpha_bar at each level (B,) of sched, 1 at level -1 (the clean image), shaped to broadcast."""
-    return helper.extract(sched.alpha_bars_prev, level + 1, shape)  # alpha_bars_prev[i] = alpha_bars[i - 1]
-
-
 def consistency_function(model, x, level, sched, prediction):
     """f(x, level): the x_0 a model(x, t) implies at each level (B,), x itself at level -1."""
     x_0, _, _ = samplers.denoise(model, x, level.clamp(min=0), sched, prediction, False)
     return torch.where(level.view(-1, 1, 1, 1) < 0, x, x_0)
-
-
-def teacher_step(teacher, x_t, level_t, level_r, sched, prediction):
-    """One DDIM step (eta = 0) of the teacher, a model(x, t), from x_t at level_t to level_r (B,):
-    sqrt(a_r) x_0 + sqrt(1 - a_r) eps of its (x_0, eps); at level -1 its x_0."""
-    x_0, eps, _ = samplers.denoise(teacher, x_t, level_t, sched, prediction, False)
-    return samplers.ddim_step(x_0, eps, alpha_bar_at(sched, level_r, x_t.shape))
 
 
 def consistency_loss(teacher, sched, prediction, network, x_0, draws):
@@ -240,7 +239,7 @@ class AdversarialLoss:
         k, inputs = draws.t, network_inputs(draws)
         x_t = helper.q_sample(x_0, k, draws.eps, self.sched)
         with torch.no_grad():
-            level_in_teacher = (k + 1) * (self.teacher_sched.T // self.sched.T) - 1
+            level_in_teacher = student_level_in_teacher(k, self.teacher_sched.T // self.sched.T)
             anchor = teacher_digits(self.teacher, x_t, level_in_teacher, self.teacher_sched, self.prediction, inputs)
         fake, _, _ = samplers.denoise(lambda x, t: network(x, t, *inputs), x_t, k, self.sched, self.prediction, False)
         with torch.autocast(x_0.device.type, enabled=False):
