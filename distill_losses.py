@@ -2,6 +2,7 @@
 training.train_step calls them (draws: training.draw's t, eps, labels dropped to null as in
 training, and w ~ U(distill.guidance_range)); stage_loss picks the one a student's config names."""
 import functools
+import math
 
 import torch
 
@@ -173,10 +174,11 @@ ADVERSARIAL = {"width": 32,                     # the discriminator's channels a
 
 class Discriminator(torch.nn.Module):
     """A class-conditional projection discriminator (Miyato & Koyama 2018): strided convolutions
-    with leaky ReLUs to features h(x) summed over space, D(x, y) = psi(h) + <embed(y), h>; y may
-    be the null label, as the student's."""
+    with leaky ReLUs to a map of ceil(size / 8)^2 positions, then one dense layer over all of them
+    to features h(x), so that it judges the whole digit (each position alone sees 17 x 17
+    pixels); D(x, y) = psi(h) + <embed(y), h>; y may be the null label, as the student's."""
 
-    def __init__(self, channels, num_classes, width):
+    def __init__(self, channels, num_classes, width, size):
         super().__init__()
         layers = []
         for c_in, c_out, stride in ((channels, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2),
@@ -185,9 +187,10 @@ class Discriminator(torch.nn.Module):
         self.features = torch.nn.Sequential(*layers)
         self.psi = torch.nn.Linear(4 * width, 1)
         self.embed = torch.nn.Embedding(num_classes + 1, 4 * width)
+        self.dense = torch.nn.Linear(4 * width * math.ceil(size / 8) ** 2, 4 * width)
 
     def forward(self, x, y):
-        h = self.features(x).sum((2, 3))
+        h = torch.nn.functional.leaky_relu(self.dense(self.features(x).flatten(1)), 0.2)
         return self.psi(h).squeeze(1) + (self.embed(y) * h).sum(1)
 
 
@@ -270,8 +273,10 @@ def stage_loss(cfg, teacher, guide=None, teacher_steps=0):
                                  cfg["diffusion"]["prediction"])
     diffusion = tuple(cfg["diffusion"].items())
     if cfg["distill"]["stage"] == "adversarial":
-        torch.manual_seed(cfg["training"]["seed"])  # the discriminator's initialisation
-        discriminator = Discriminator(cfg["data"]["channels"], cfg["model"]["num_classes"], ADVERSARIAL["width"])
+        with torch.random.fork_rng(devices=[]):  # the discriminator's initialisation, from the run's seed
+            torch.manual_seed(cfg["training"]["seed"])
+            discriminator = Discriminator(cfg["data"]["channels"], cfg["model"]["num_classes"], ADVERSARIAL["width"],
+                                          cfg["data"]["image_size"])
         return AdversarialLoss(teacher, trailing_schedule(diffusion, teacher_steps),
                                trailing_schedule(diffusion, cfg["distill"]["steps"]),
                                cfg["diffusion"]["prediction"],

@@ -443,6 +443,18 @@ def adversarial_setup(steps=1):
     return teacher, loss_of, x_0, draws
 
 
+def test_the_discriminator_starts_from_the_runs_seed_and_leaves_the_global_generator_alone():
+    teacher, loss_of, _, _ = adversarial_setup()
+    cfg = config.merge_config(conditional_model()[1], {"distill": {"stage": "adversarial", "steps": 1}})
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = distill_losses.stage_loss(cfg, teacher, teacher_steps=2).discriminator.state_dict()
+    torch.testing.assert_close(torch.rand(3), expected_next)  # stage_loss drew nothing from the global generator
+    first = loss_of.discriminator.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the run's seed, whatever came before
+
+
 def test_the_teachers_digits_start_each_sample_at_its_own_level():
     teacher, cfg = conditional_model()
     sched = distill_losses.trailing_schedule(tuple(cfg["diffusion"].items()), 2)
@@ -509,8 +521,10 @@ def test_the_discriminator_loss_of_an_undecided_discriminator_is_2_log_2():
     undecided = lambda x, y: 0.0 * x.flatten(1).sum(1)
     torch.testing.assert_close(distill_losses.discriminator_loss(undecided, x, x.flip(0), torch.arange(4)),
                                torch.tensor(2 * math.log(2)))
-    discriminator = distill_losses.Discriminator(1, 10, 8)
+    discriminator = distill_losses.Discriminator(1, 10, 8, 28)
     assert discriminator(x, torch.tensor([0, 3, 9, 10])).shape == (4,)  # 10: the null label
+    rgb = distill_losses.Discriminator(3, 10, 8, 32)
+    assert rgb(torch.randn(2, 3, 32, 32), torch.tensor([1, 10])).shape == (2,)
 
 
 @pytest.fixture(scope="module")
