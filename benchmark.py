@@ -1,14 +1,15 @@
 """Where the time goes: training and sampling throughput of a preset's U-Net under each
 speed option, its FLOPs, and the machine's own matmul ceiling measured in the same run.
 
-    python benchmark.py [--preset P] [--device D] [--json PATH] [--profile]
+    python benchmark.py [--preset P] [--device D] [--variants V,...] [--json PATH] [--profile]
 
 Every variant runs in a fresh process (so peak memory and compile caches are its own): warm-up
 steps first, then the median of 10 timed repeats. The compile variants compile the training
 network as training.compile does and the sampling network as sampling.compile does (weights
 frozen); "inductor layouts" lets inductor turn the convolutions channels_last, as it does by
-default. --profile also prints, per variant, where one training step spends its time
-(torch.profiler).
+default. Where the device has no native bf16 (an AVX2 CPU), only the fp32 variants run unless
+--variants names others. --profile also prints, per variant, where one training step spends
+its time (torch.profiler).
 """
 import json
 import multiprocessing
@@ -28,6 +29,8 @@ from config import UserError
 # name -> (bf16 autocast, torch.compile, inductor's own layouts)
 VARIANTS = {
     "eager fp32": (False, False, False),
+    "fp32 + compile (inductor layouts)": (False, True, True),
+    "fp32 + compile": (False, True, False),
     "bf16 autocast": (True, False, False),
     "bf16 + compile (inductor layouts)": (True, True, True),
     "bf16 + compile": (True, True, False),
@@ -55,6 +58,11 @@ def median_seconds(fn, device, warmup, repeats):
 def rate(x):
     """A throughput to three significant digits, without exponents: 142, 12.1, 6.16."""
     return f"{x:.0f}" if x >= 100 else f"{x:#.3g}"
+
+
+def default_variants(device):
+    """Every variant the device computes natively: the fp32 ones alone where bf16 is emulated."""
+    return [name for name, (bf16, _, _) in VARIANTS.items() if not bf16 or runs.native_bf16(device)]
 
 
 def matmul_ceiling(device, dtype, n=4096, repeats=5):
@@ -163,7 +171,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="cpu", help="whose U-Net and batch size (default: cpu)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--sample-batch", type=runs.positive_int, default=256, help="batch of sampling steps")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset to run")
+    parser.add_argument("--variants", help="comma-separated subset to run (default: default_variants)")
     parser.add_argument("--json", help="also write the numbers as JSON here")
     parser.add_argument("--profile", action="store_true", help="also print where a training step spends its time")
     return parser.parse_args(argv)
@@ -173,7 +181,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = config.get_config(args.preset)
     device = runs.resolve_device(args.device)
-    names = args.variants.split(",")
+    bf16 = runs.native_bf16(device)
+    names = args.variants.split(",") if args.variants else default_variants(device)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -182,11 +191,14 @@ def main(argv=None):
     model = Model.from_config(cfg).to(device)
     train_flops = flops_per_image(model, cfg, device, 8, backward=True)
     sample_flops = flops_per_image(model, cfg, device, 8, backward=False)
-    ceilings = {"fp32": matmul_ceiling(device, torch.float32), "bf16": matmul_ceiling(device, torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16} if bf16 else {"fp32": torch.float32}
+    ceilings = {name: matmul_ceiling(device, dtype) for name, dtype in dtypes.items()}
+    best = "bf16" if bf16 else "fp32"  # the ceiling the utilisation columns divide by
     print(f"{args.preset} preset on {device} ({torch.get_num_threads()} threads): "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{train_flops / 1e9:.3f} GFLOP per training image (fwd+bwd), {sample_flops / 1e9:.3f} per sampling NFE; "
-          f"matmul ceiling {ceilings['fp32']:.3f} TFLOP/s fp32, {ceilings['bf16']:.3f} bf16")
+          f"matmul ceiling {', '.join(f'{v:.3f} TFLOP/s {k}' for k, v in ceilings.items())}"
+          f"{'' if bf16 else ' (bf16 is emulated here)'}")
 
     rows = []
     context = multiprocessing.get_context("spawn")
@@ -195,25 +207,25 @@ def main(argv=None):
             row = pool.submit(run_variant, args.preset, device, name, args.sample_batch, args.profile).result()
         row["train_tflops"] = row["train_img_s"] * train_flops / 1e12
         row["sample_tflops"] = row["sample_img_s"] * sample_flops / 1e12
-        row["train_mfu_bf16"] = row["train_tflops"] / ceilings["bf16"]
-        row["sample_mfu_bf16"] = row["sample_tflops"] / ceilings["bf16"]
+        row["train_mfu"] = row["train_tflops"] / ceilings[best]
+        row["sample_mfu"] = row["sample_tflops"] / ceilings[best]
         rows.append(row)
         print(f"  {name}: {rate(row['train_img_s'])} train img/s, {rate(row['sample_img_s'])} sampling NFE·img/s", flush=True)
         if args.profile:
             print(f"\none training step, {name}:\n{row['train_profile']}\n", flush=True)
 
     baseline = rows[0]
-    lines = ["| variant | train img/s | × | train TFLOP/s | of bf16 ceiling | sample img·NFE/s | × | "
-             "of bf16 ceiling | compile s | peak MB |", "|---|" + "---:|" * 9]
+    lines = [f"| variant | train img/s | × | train TFLOP/s | of {best} ceiling | sample img·NFE/s | × | "
+             f"of {best} ceiling | compile s | peak MB |", "|---|" + "---:|" * 9]
     for row in rows:
         lines.append(f"| {row['variant']} | {rate(row['train_img_s'])} | {row['train_img_s'] / baseline['train_img_s']:.2f} | "
-                     f"{row['train_tflops']:.3f} | {row['train_mfu_bf16']:.0%} | {rate(row['sample_img_s'])} | "
-                     f"{row['sample_img_s'] / baseline['sample_img_s']:.2f} | {row['sample_mfu_bf16']:.0%} | "
+                     f"{row['train_tflops']:.3f} | {row['train_mfu']:.0%} | {rate(row['sample_img_s'])} | "
+                     f"{row['sample_img_s'] / baseline['sample_img_s']:.2f} | {row['sample_mfu']:.0%} | "
                      f"{row['compile_s']:.0f} | {row['peak_mem_mb']:.0f} |")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "device": device, "threads": torch.get_num_threads(),
+            json.dump({"preset": args.preset, "device": device, "threads": torch.get_num_threads(), "ceiling_of": best,
                        "train_gflop_per_image": train_flops / 1e9, "sample_gflop_per_image": sample_flops / 1e9,
                        "ceiling_tflops": ceilings, "rows": rows}, f, indent=1)
 

@@ -51,9 +51,15 @@ def cpu_has_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def native_bf16(device):
+    """Whether the device computes bf16 natively: CUDA, or a CPU with AMX or AVX512-bf16 (elsewhere,
+    an AVX2 CPU say, bf16 is emulated, many times slower than fp32: docs/speed.md)."""
+    return device == "cuda" or cpu_has_bf16()
+
+
 def use_bf16(cfg, device):
     mode = cfg["training"]["bf16"]
-    return mode == "on" or (mode == "auto" and (device == "cuda" or cpu_has_bf16()))
+    return mode == "on" or (mode == "auto" and native_bf16(device))
 
 
 def compile_network(model, frozen=False, layouts=False):

@@ -325,7 +325,8 @@ def fit_budget(training, images, labels, started):
     tr["steps"] = training.processes.from_rank_0(
         budgeted_steps(tr["minutes"], time.perf_counter() - started, seconds_per_step))
     print(f"time budget {tr['minutes']:g} min: {seconds_per_step:.2f} s per step measured, "
-          f"{time.perf_counter() - started:.0f} s spent on start-up and compilation -> {tr['steps']} steps")
+          f"{time.perf_counter() - started:.0f} s spent before training (start-up{', compiling' if tr['compile'] else ''} "
+          f"and these {BUDGET_STEPS + 1} steps) -> {tr['steps']} steps")
     return tr["steps"]
 
 

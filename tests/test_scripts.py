@@ -455,8 +455,17 @@ def test_benchmark_reports_throughput_flops_and_profile(tmp_path, monkeypatch):
     (row,) = result["rows"]
     assert row["variant"] == "eager fp32" and row["train_img_s"] > 0 and row["sample_img_s"] > 0
     assert result["train_gflop_per_image"] > 2 * result["sample_gflop_per_image"] > 0  # backward costs ~2x forward
-    assert 0 < row["train_mfu_bf16"] < 1 and result["ceiling_tflops"]["bf16"] > 0
+    assert 0 < row["train_mfu"] < 1 and result["ceiling_tflops"][result["ceiling_of"]] > 0
     assert "| ConvolutionBackward0 |" in stdout and "| eager fp32 |" in stdout
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_benchmark_runs_bf16_by_default_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(runs, "cpu_has_bf16", lambda: native)
+    names = benchmark.default_variants("cpu")
+    assert "eager fp32" in names and "fp32 + compile" in names
+    assert ("bf16 autocast" in names) == native and len(names) == (len(benchmark.VARIANTS) if native else 3)
+    assert "bf16 autocast" in benchmark.default_variants("cuda")
 
 
 def test_benchmark_refuses_an_unknown_variant():
